@@ -1,0 +1,126 @@
+"""Shared config pieces: defaults every stage has, model presets, arg parsing.
+
+A stage file (pretrain.py, ...) calls `base_config(stage, size)` and edits it.
+Every field can be overridden on the command line, e.g.
+`--config.optimizer.lr=1e-3`; `lock_config=True` makes a misspelled key fail.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Model presets. Shapes for 7b/8b are Llama-2-7B and Llama-3-8B.
+MODEL_PRESETS = {
+    # The CPU demo: trains in minutes on 2 cores.
+    'tiny': dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384,
+                 tie_embeddings=True),
+    # Test-sized: the smallest model that still exercises GQA.
+    'test': dict(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64),
+    'small': dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                  d_ff=2560, tie_embeddings=True),
+    '1b': dict(vocab_size=32000, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+               rope_theta=500000.0),
+    '7b': dict(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008),
+    '8b': dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+               rope_theta=500000.0),
+}
+
+# Per-preset run shape: (batch_size, seq_len, steps, optimizer lr).
+RUN_PRESETS = {
+    'tiny': (16, 256, 600, 3e-3),
+    'test': (8, 32, 20, 3e-3),
+    'small': (256, 1024, 100_000, 6e-4),
+    '1b': (256, 2048, 100_000, 3e-4),
+    '7b': (1024, 4096, 250_000, 3e-4),
+    '8b': (1024, 8192, 250_000, 3e-4),
+}
+
+# Logical axis -> mesh axes. Order is priority: flax assigns a mesh axis to the
+# first matching rule whose mesh axes are still free in that array, so `batch`
+# comes first (activations then keep `embed` unsharded) and parameters, which
+# have no batch axis, get `embed` sharded over fsdp.
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('vocab', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('embed', 'fsdp'),
+    ('length', None),
+    ('head_dim', None),
+    ('norm', None),
+    ('layers', None),
+)
+
+
+def parse_arg(arg: str | None, **defaults) -> dict:
+  """Parses 'size=tiny,foo=bar' into a dict, starting from `defaults`."""
+  out = dict(defaults)
+  for part in filter(None, (arg or '').split(',')):
+    if '=' not in part:
+      raise ValueError(f"config argument {part!r} is not key=value (e.g. 'size=tiny')")
+    key, value = part.split('=', 1)
+    if key not in out:
+      raise ValueError(f'unknown config argument {key!r}; known: {sorted(out)}')
+    out[key] = value
+  return out
+
+
+def model_config(size: str) -> ml_collections.ConfigDict:
+  """Model section for a preset, with every ModelConfig field present."""
+  if size not in MODEL_PRESETS:
+    raise ValueError(f'unknown size {size!r}; choose one of {sorted(MODEL_PRESETS)}')
+  from research.models.llama import ModelConfig  # pylint: disable=import-outside-toplevel
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  fields.update(MODEL_PRESETS[size])
+  return ml_collections.ConfigDict(fields)
+
+
+def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
+  """The keys every stage has, sized for `size`."""
+  batch_size, seq_len, steps, lr = RUN_PRESETS[size] if size in RUN_PRESETS else RUN_PRESETS['tiny']
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.size = size
+  c.seed = 0
+  c.steps = steps
+  c.batch_size = batch_size  # global, in sequences
+  c.seq_len = seq_len
+  c.log_every = 10
+  c.eval_every = 200
+  c.eval_batches = 4
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 2
+  c.init_from = ''  # another run's workdir: warm-start its parameters
+  c.dry_run = False
+
+  c.model = model_config(size)
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=lr, warmup_steps=min(100, max(1, steps // 10)), decay='cosine',  # cosine | linear | constant
+      min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
+      grad_accum_steps=1))
+
+  # Mesh axis sizes; one may be -1 to take the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = DEFAULT_RULES
+
+  c.data = ml_collections.ConfigDict(dict(
+      name='stdlib',   # 'stdlib' (embedded), 'files', or a prepared TFDS name such as 'c4/en:3.1.0'
+      files='',        # for name='files': comma-separated globs of .txt / .jsonl files
+      text_key='text',  # field holding the text in .jsonl files and TFDS examples
+      train_split='train',
+      eval_split='validation',
+      data_dir='',     # TFDS data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+      tokenizer='',    # SentencePiece .model; '' = train one on the corpus (cached in data_dir)
+      add_bos=True,
+      add_eos=True,
+  ))
+
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets='.*/attn/(q|k|v|o)/kernel'))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      prompts=('def ', 'import ', 'class '), max_new_tokens=48, temperature=0.8, top_k=0,
+      top_p=0.95))
+  return c

@@ -1,0 +1,1 @@
+"""Tokenizer, data sources (TFDS builders) and grain pipelines."""

@@ -1,0 +1,127 @@
+"""grain pipelines: tokenize, pack into fixed-length rows, shuffle, batch.
+
+A packed row holds several documents back to back:
+  inputs, targets      int32 [T]  (targets = inputs shifted by one, per document)
+  segment_ids          int32 [T]  (1, 2, ... per document; 0 = padding)
+  positions            int32 [T]  (position within the document, for RoPE)
+
+Every process builds the same global batch stream and keeps its own rows, so
+the stream (and the checkpointed iterator state) is identical for any number
+of processes: a run may resume on a different host count. Tokenizing the
+whole stream on every host is cheap next to a train step of any model that
+needs several hosts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import numpy as np
+
+from research.data import sources
+from research.data.tokenizer import Tokenizer, train_tokenizer
+from research.errors import UserError
+
+
+def default_tokenizer_path(data_cfg, vocab_size: int) -> str:
+  """Where the tokenizer trained for a corpus is cached."""
+  slug = data_cfg.name if data_cfg.name != 'files' else 'files-' + sources.project_builder(
+      'files', data_cfg.data_dir, data_cfg.files, data_cfg.text_key).builder_config.name
+  slug = slug.replace('/', '_').replace(':', '_')
+  return os.path.join(sources.resolve_data_dir(data_cfg.data_dir), 'tokenizers', f'{slug}-v{vocab_size}.model')
+
+
+def _train_and_save_tokenizer(data_cfg, vocab_size: int, path: str) -> None:
+  src = open_source(data_cfg, data_cfg.train_split)
+  tok = train_tokenizer(sources.iter_texts(src, data_cfg.text_key), vocab_size)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  tok.save(tmp)
+  os.replace(tmp, path)  # atomic: a killed run never leaves half a tokenizer
+
+
+def get_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
+  """Loads data.tokenizer, or trains (once, cached) one on the training split."""
+  if data_cfg.tokenizer:
+    return Tokenizer.load(data_cfg.tokenizer)
+  import jax  # pylint: disable=import-outside-toplevel
+  path = default_tokenizer_path(data_cfg, vocab_size)
+  if jax.process_index() == 0 and not os.path.exists(path):
+    _train_and_save_tokenizer(data_cfg, vocab_size, path)
+  sources.sync_processes('tokenizer_ready')
+  if not os.path.exists(path):  # hosts that do not share process 0's disk
+    _train_and_save_tokenizer(data_cfg, vocab_size, path)
+  return Tokenizer.load(path)
+
+
+def open_source(data_cfg, split: str):
+  """The random-access source for `split` of the configured dataset."""
+  return sources.open_split(data_cfg.name, split, data_dir=data_cfg.data_dir, files=data_cfg.files,
+                            text_key=data_cfg.text_key)
+
+
+class _Tokenize(grain.transforms.Map):
+  """Example -> {'inputs', 'targets'}: the document's tokens shifted by one."""
+
+  def __init__(self, tokenizer: Tokenizer, text_key: str, add_bos: bool, add_eos: bool):
+    self.tokenizer, self.text_key, self.add_bos, self.add_eos = tokenizer, text_key, add_bos, add_eos
+
+  def map(self, example):
+    text = sources.example_text(example, self.text_key)
+    ids = np.asarray(self.tokenizer.encode(text, self.add_bos, self.add_eos), np.int32)
+    if len(ids) < 2:  # nothing to predict; keep the stream aligned with a padding pair
+      ids = np.asarray([self.tokenizer.pad_id] * 2, np.int32)
+    return {'inputs': ids[:-1], 'targets': ids[1:]}
+
+
+def _rename_packed(row: dict) -> dict:
+  return {'inputs': row['inputs'], 'targets': row['targets'],
+          'segment_ids': row['inputs_segment_ids'], 'positions': row['inputs_positions']}
+
+
+def packed_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                   text_key: str = 'text', add_bos: bool = True, add_eos: bool = True,
+                   shuffle: bool = True, num_epochs: int | None = None) -> grain.IterDataset:
+  """Global batches of packed rows: dicts of int32 [batch_size, seq_len]."""
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)  # reshuffled each epoch by repeat()
+  ds = ds.repeat(num_epochs).map(_Tokenize(tokenizer, text_key, add_bos, add_eos))
+  ds = grain.experimental.ConcatThenSplitIterDataset(
+      ds.to_iter_dataset(), length_struct={'inputs': seq_len, 'targets': seq_len})
+  ds = ds.map(_rename_packed)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+  """The rows of a global batch that this process feeds to its devices."""
+  if batch_size % process_count:
+    raise UserError(f'batch_size={batch_size} does not divide over {process_count} processes; '
+                    'make it a multiple of the process count.')
+  per = batch_size // process_count
+  return slice(process_index * per, (process_index + 1) * per)
+
+
+def local_rows(batch: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
+  """This process's slice of a global numpy batch."""
+  return {k: v[rows] for k, v in batch.items()}
+
+
+def eval_batches(data_cfg, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+                 max_batches: int) -> list[dict[str, Any]]:
+  """The fixed validation batches: the split in storage order, packed, one pass."""
+  src = open_source(data_cfg, data_cfg.eval_split)
+  ds = packed_dataset(src, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=0,
+                      text_key=data_cfg.text_key, add_bos=data_cfg.add_bos,
+                      add_eos=data_cfg.add_eos, shuffle=False, num_epochs=1)
+  out = []
+  for batch in ds:
+    out.append(batch)
+    if len(out) >= max_batches:
+      break
+  if not out:
+    raise UserError(f'the {data_cfg.eval_split!r} split holds less than one batch '
+                    f'({batch_size} x {seq_len} tokens); lower batch_size or seq_len, or add data.')
+  return out

@@ -1,0 +1,66 @@
+"""Entry point for every stage.
+
+    python -m research.main --config=configs/pretrain.py:size=tiny --workdir=runs/demo \
+        --config.steps=200 --config.optimizer.lr=1e-3
+
+Multi-host: JAX detects TPU pods, SLURM and similar clusters by itself; for an
+explicit launch give every process the same --coordinator_address and
+--num_processes, and its own --process_id.
+
+User errors (config, environment, data) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Stage config file[:arg].', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (created; re-running resumes).')
+_COORD = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for explicit multi-process launches.')
+_NPROC = flags.DEFINE_integer('num_processes', None, 'Total number of processes.')
+_PID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
+
+
+def init_distributed() -> None:
+  """Initialises jax.distributed: explicitly from flags, else auto-detected on clusters."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from research.errors import UserError  # pylint: disable=import-outside-toplevel
+  explicit = [_COORD.value, _NPROC.value, _PID.value]
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise UserError('give all of --coordinator_address, --num_processes and --process_id, or none.')
+    jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value,
+                               process_id=_PID.value)
+  elif any(k in os.environ for k in ('SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')):
+    if int(os.environ.get('SLURM_NTASKS', '2')) > 1:
+      jax.distributed.initialize()  # cluster auto-detection
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  from research.errors import UserError  # pylint: disable=import-outside-toplevel
+  try:
+    if _CONFIG.value is None:
+      raise UserError('--config is required, e.g. --config=configs/pretrain.py:size=tiny')
+    if not _WORKDIR.value:
+      raise UserError('--workdir is required: the run directory (re-running the same command resumes).')
+    init_distributed()
+    from research.training import trainer  # pylint: disable=import-outside-toplevel
+    trainer.train(_CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def run():
+  """Console entry point: absl parses flags (an unknown --config key fails here, briefly)."""
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,336 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2 shapes) in Flax Linen.
+
+Used functionally::
+
+    model = Transformer(ModelConfig(...))
+    params = model.init(rng, tokens_BT)['params']
+    logits_BTV, _ = model.apply({'params': params}, tokens_BT)
+
+Packed rows pass ``segment_ids`` (0 = padding, 1, 2, ... = documents) and
+``positions`` so that documents never attend to each other. Decoding passes a
+KV cache (``init_cache``) and gets the updated cache back.
+
+Every parameter and the main activations carry logical axis names; the
+trainer maps them to mesh axes with the rule table in the config.
+
+Shape suffixes: B batch, T query length, S key length (cache size), D model
+width, H query heads, K kv heads, G = H // K, Dh head dim, F MLP width,
+V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+# Large negative instead of -inf: a fully masked row (padding) gives a uniform
+# softmax rather than NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a Llama-family decoder. See configs/base.py for presets."""
+
+  vocab_size: int = 32000
+  d_model: int = 4096
+  n_layers: int = 32
+  n_heads: int = 32
+  n_kv_heads: int = 32
+  head_dim: int = 0  # 0: d_model // n_heads
+  d_ff: int = 11008
+  rope_theta: float = 10000.0
+  # Llama-3.1 frequency scaling; rope_scaling_factor 0 turns it off.
+  rope_scaling_factor: float = 0.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  param_dtype: str = 'float32'
+  dtype: str = 'float32'  # compute dtype; softmax, norms and logits stay float32
+  remat: str = 'none'  # none | full | dots_saveable | dots_with_no_batch_dims
+  scan_layers: bool = False
+  init_std: float = 0.02
+
+  @property
+  def dh(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @classmethod
+  def from_dict(cls, d: Any) -> 'ModelConfig':
+    """Builds from a dict or ConfigDict, rejecting unknown fields."""
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f'unknown model fields {unknown}; known: {sorted(known)}')
+    return cls(**d)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
+  """Inverse frequencies [Dh/2], with Llama-3.1 scaling when enabled."""
+  dh = cfg.dh
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  if cfg.rope_scaling_factor <= 0:
+    return inv_freq
+  factor, lo, hi = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  old_len = cfg.rope_original_max_len
+  wavelen = 2 * math.pi / inv_freq
+  # Long wavelengths are slowed by `factor`, short ones kept, the middle band
+  # interpolated smoothly (Llama 3.1 report, section on long context).
+  scaled = jnp.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - lo) / (hi - lo)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  is_medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x_BTHD: Array, positions_BT: Array, inv_freq: Array) -> Array:
+  """Rotary embedding, 'rotate half' layout (as in HF transformers)."""
+  angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  sin = jnp.sin(angles_BTF)[:, :, None, :]
+  cos = jnp.cos(angles_BTF)[:, :, None, :]
+  x = x_BTHD.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTHD.dtype)
+
+
+def attention_mask(q_slots_BT: Array, q_seg_BT: Array, kv_slots_BS: Array, kv_seg_BS: Array) -> Array:
+  """Boolean [B, 1, T, S]: causal over row slots, same non-padding segment."""
+  causal = kv_slots_BS[:, None, :] <= q_slots_BT[:, :, None]
+  same_seg = (kv_seg_BS[:, None, :] == q_seg_BT[:, :, None]) & (kv_seg_BS[:, None, :] != 0)
+  return (causal & same_seg)[:, None, :, :]
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm computed in float32, output in the compute dtype."""
+
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Linear(nn.Module):
+  """y = x . W (+ b), contracting the last `n_in` dims of x with W's leading dims.
+
+  Hand-written rather than nn.DenseGeneral because DenseGeneral initialises a
+  flattened 2-D kernel, which breaks logical partitioning of N-D kernels.
+  """
+
+  features: tuple[int, ...]
+  axes: tuple[str, ...]  # logical names of the kernel dims (inputs, then outputs)
+  n_in: int = 1
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x):
+    shape = tuple(x.shape[-self.n_in:]) + tuple(self.features)
+    kernel = self.param('kernel', nn.with_logical_partitioning(
+        nn.initializers.normal(self.init_std), self.axes), shape, self.param_dtype)
+    contract = tuple(range(x.ndim - self.n_in, x.ndim))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((contract, tuple(range(self.n_in))), ((), ())))
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(
+          nn.initializers.zeros, self.axes[self.n_in:]), tuple(self.features), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def _dense(cfg: ModelConfig, features, axes, name, *, n_in=1, use_bias=False):
+  features = (features,) if isinstance(features, int) else tuple(features)
+  return Linear(features, axes, n_in=n_in, use_bias=use_bias, dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype, init_std=cfg.init_std, name=name)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with RoPE and an optional KV cache."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_B1TS, cache=None, cache_index=None):
+    cfg = self.cfg
+    H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.dh
+    q_BTHD = _dense(cfg, (H, Dh), ('embed', 'heads', 'head_dim'), 'q', use_bias=cfg.qkv_bias)(x_BTD)
+    k_BTKD = _dense(cfg, (K, Dh), ('embed', 'kv_heads', 'head_dim'), 'k', use_bias=cfg.qkv_bias)(x_BTD)
+    v_BTKD = _dense(cfg, (K, Dh), ('embed', 'kv_heads', 'head_dim'), 'v', use_bias=cfg.qkv_bias)(x_BTD)
+    inv_freq = rope_inv_freq(cfg)
+    q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq)
+    k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq)
+    q_BTHD = nn.with_logical_constraint(q_BTHD, ('batch', 'length', 'heads', 'head_dim'))
+
+    new_cache = None
+    if cache is not None:
+      # Write this call's keys/values at slots [cache_index, cache_index + T).
+      k_BSKD = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BTKD.astype(cache['k'].dtype), cache_index, axis=1)
+      v_BSKD = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BTKD.astype(cache['v'].dtype), cache_index, axis=1)
+      new_cache = {'k': k_BSKD, 'v': v_BSKD}
+      k_BTKD, v_BTKD = k_BSKD.astype(cfg.dtype), v_BSKD.astype(cfg.dtype)
+
+    B, T = q_BTHD.shape[:2]
+    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, Dh)
+    logits_BKGTS = jnp.einsum('btkgd,bskd->bkgts', q_BTKGD, k_BTKD,
+                              preferred_element_type=jnp.float32) / math.sqrt(Dh)
+    logits_BKGTS = jnp.where(mask_B1TS[:, :, None], logits_BKGTS, _MASK_VALUE)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(cfg.dtype)
+    out_BTKGD = jnp.einsum('bkgts,bskd->btkgd', probs_BKGTS, v_BTKD)
+    out_BTHD = out_BTKGD.reshape(B, T, H, Dh)
+    out_BTHD = nn.with_logical_constraint(out_BTHD, ('batch', 'length', 'heads', 'head_dim'))
+    out_BTD = _dense(cfg, cfg.d_model, ('heads', 'head_dim', 'embed'), 'o', n_in=2)(out_BTHD)
+    return out_BTD, new_cache
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    gate_BTF = _dense(cfg, cfg.d_ff, ('embed', 'mlp'), 'gate')(x_BTD)
+    up_BTF = _dense(cfg, cfg.d_ff, ('embed', 'mlp'), 'up')(x_BTD)
+    h_BTF = nn.with_logical_constraint(nn.silu(gate_BTF) * up_BTF, ('batch', 'length', 'mlp'))
+    return _dense(cfg, cfg.d_model, ('mlp', 'embed'), 'down')(h_BTF)
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block. Signature fits nn.scan: (x, xs) -> (x, ys)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, cache, positions_BT, mask_B1TS, cache_index):
+    cfg = self.cfg
+    h = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name='attn_norm')(x_BTD)
+    h, new_cache = Attention(cfg, name='attn')(h, positions_BT, mask_B1TS, cache, cache_index)
+    x_BTD = x_BTD + h
+    h = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name='mlp_norm')(x_BTD)
+    x_BTD = x_BTD + MLP(cfg, name='mlp')(h)
+    x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
+    return x_BTD, new_cache
+
+
+_REMAT_POLICIES = {
+    'full': None,  # save nothing: recompute the whole block in the backward pass
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block_class(cfg: ModelConfig):
+  if cfg.remat == 'none':
+    return Block
+  if cfg.remat not in _REMAT_POLICIES:
+    raise ValueError(f'model.remat={cfg.remat!r}; choose none, {", ".join(_REMAT_POLICIES)}')
+  return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+class Transformer(nn.Module):
+  """Decoder-only transformer returning float32 logits [B, T, V]."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+    """Forward pass.
+
+    Args:
+      tokens_BT: int token ids.
+      positions_BT: RoPE positions; default 0..T-1 (plus the cache index).
+      segment_ids_BT: 0 marks padding, equal ids form one document; default 1.
+      cache: None for training, or the dict from `init_cache` when decoding:
+        this call's tokens go to cache slots [cache['index'], +T).
+
+    Returns:
+      (logits_BTV in float32, the updated cache or None).
+    """
+    cfg = self.cfg
+    B, T = tokens_BT.shape
+    start = 0 if cache is None else cache['index']
+    slots_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    if positions_BT is None:
+      positions_BT = slots_BT
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones((B, T), jnp.int32)
+
+    if cache is None:
+      mask_B1TS = attention_mask(slots_BT, segment_ids_BT, slots_BT, segment_ids_BT)
+      layer_caches = None
+    else:
+      kv_seg_BS = jax.lax.dynamic_update_slice_in_dim(cache['segment_ids'], segment_ids_BT.astype(jnp.int32), start, axis=1)
+      S = kv_seg_BS.shape[1]
+      kv_slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+      mask_B1TS = attention_mask(slots_BT, segment_ids_BT, kv_slots_BS, kv_seg_BS)
+      layer_caches = cache['layers']
+
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                                 ('vocab', 'embed')),
+                     name='embed')
+    x_BTD = embed(tokens_BT)
+    x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
+
+    block_cls = _block_class(cfg)
+    if cfg.scan_layers:
+      stack = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BTD, new_layer_caches = stack(cfg, name='layers')(x_BTD, layer_caches, positions_BT, mask_B1TS, start)
+    else:
+      new_layer_caches = []
+      for i in range(cfg.n_layers):
+        layer_cache = None if layer_caches is None else jax.tree.map(lambda c: c[i], layer_caches)
+        x_BTD, c = block_cls(cfg, name=f'layers_{i}')(x_BTD, layer_cache, positions_BT, mask_B1TS, start)
+        new_layer_caches.append(c)
+      if cache is not None:
+        new_layer_caches = jax.tree.map(lambda *cs: jnp.stack(cs), *new_layer_caches)
+
+    x_BTD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name='final_norm')(x_BTD)
+    if cfg.tie_embeddings:
+      logits_BTV = embed.attend(x_BTD)
+    else:
+      logits_BTV = _dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'lm_head')(x_BTD)
+    logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ('batch', 'length', 'vocab'))
+
+    new_cache = None
+    if cache is not None:
+      new_cache = {'layers': new_layer_caches, 'segment_ids': kv_seg_BS, 'index': start + T}
+    return logits_BTV, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
+  """Empty KV cache: k/v [L, B, S, K, Dh], segment ids [B, S] (0 = empty), index."""
+  dtype = dtype or cfg.dtype
+  shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.dh)
+  return {
+      'layers': {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)},
+      'segment_ids': jnp.zeros((batch_size, max_len), jnp.int32),
+      'index': jnp.zeros((), jnp.int32),
+  }
+
+
+def count_params(params) -> int:
+  """Number of scalars in a parameter pytree (works on ShapeDtypeStructs)."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

@@ -1,0 +1,109 @@
+"""Batched sampling with a KV cache: one prefill, then a jitted decode loop.
+
+Prompts of different lengths are left-padded to a common length (rounded up
+to a multiple of 16 to limit recompiles); padding has segment id 0 so no token
+attends to it, and positions start at 0 at each prompt's first real token.
+Decoding with the cache gives the same logits as a full forward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from research.models.llama import Transformer, init_cache
+
+_BUCKET = 16
+
+
+def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float = 0.0,
+                  top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Next tokens [B] from logits: greedy if temperature == 0, else sampled
+  from the temperature-scaled distribution restricted to the top-k tokens and
+  to the smallest set whose probability reaches top_p (nucleus sampling)."""
+  if temperature <= 0.0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits = logits_BV.astype(jnp.float32) / temperature
+  neg = jnp.finfo(jnp.float32).min
+  if top_k > 0:
+    kth_BV = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth_BV, neg, logits)
+  if top_p < 1.0:
+    sorted_BV = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # Keep a token if the mass strictly before it is below top_p (the first is always kept).
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    n_keep_B = jnp.sum(mass_before_BV < top_p, axis=-1)
+    threshold_B1 = jnp.take_along_axis(sorted_BV, n_keep_B[:, None] - 1, axis=-1)
+    logits = jnp.where(logits < threshold_B1, neg, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
+                                             'top_p', 'stop_tokens', 'pad_id'))
+def _generate(model: Transformer, params, tokens_BP, segment_ids_BP, positions_BP, rng, *,
+              max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id):
+  B, P = tokens_BP.shape
+  cache = init_cache(model.cfg, B, P + max_new_tokens)
+  logits_BPV, cache = model.apply({'params': params}, tokens_BP, positions_BP, segment_ids_BP, cache=cache)
+  next_pos_B = positions_BP[:, -1] + 1
+  stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+
+  def body(carry):
+    i, logits_BV, cache, pos_B, done_B, out_BN, rng = carry
+    rng, step_rng = jax.random.split(rng)
+    tok_B = sample_logits(logits_BV, step_rng, temperature, top_k, top_p)
+    tok_B = jnp.where(done_B, pad_id, tok_B)
+    out_BN = out_BN.at[:, i].set(tok_B)
+    done_B = done_B | jnp.isin(tok_B, stops)
+    logits_B1V, cache = model.apply({'params': params}, tok_B[:, None], pos_B[:, None],
+                                    jnp.ones((B, 1), jnp.int32), cache=cache)
+    return i + 1, logits_B1V[:, 0], cache, pos_B + 1, done_B, out_BN, rng
+
+  def cond(carry):
+    i, done_B = carry[0], carry[4]
+    return (i < max_new_tokens) & ~jnp.all(done_B)
+
+  init = (jnp.int32(0), logits_BPV[:, -1], cache, next_pos_B, jnp.zeros((B,), bool),
+          jnp.full((B, max_new_tokens), pad_id, jnp.int32), rng)
+  return jax.lax.while_loop(cond, body, init)[5]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, bucket: int = _BUCKET):
+  """(tokens, segment_ids, positions) int32 [B, P] for left-padded prompts."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError('every prompt needs at least one token (e.g. bos)')
+  P = -(-max(len(p) for p in prompts) // bucket) * bucket
+  tokens = np.full((len(prompts), P), pad_id, np.int32)
+  segs = np.zeros((len(prompts), P), np.int32)
+  pos = np.zeros((len(prompts), P), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, P - len(p):] = p
+    segs[i, P - len(p):] = 1
+    pos[i, P - len(p):] = np.arange(len(p))
+  return tokens, segs, pos
+
+
+def generate(model: Transformer, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             rng: jax.Array | None = None, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, stop_tokens: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
+  """Continues each prompt; returns the new tokens of each, cut after the first stop token."""
+  tokens, segs, pos = left_pad(prompts, pad_id)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  out = _generate(model, params, tokens, segs, pos, rng, max_new_tokens=max_new_tokens,
+                  temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                  stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id))
+  out = np.asarray(out)
+  results = []
+  for row in out:
+    seq = []
+    for t in row:
+      seq.append(int(t))
+      if int(t) in stop_tokens:
+        break
+    results.append(seq)
+  return results

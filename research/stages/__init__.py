@@ -1,0 +1,20 @@
+"""Stages: each supplies how a batch is made and the loss on it.
+
+A stage module defines:
+  train_dataset(config, tokenizer) -> grain IterDataset of global numpy batches
+  eval_batches(config, tokenizer)  -> list of global numpy batches
+  loss(model, params, batch, rng)  -> (loss, weight, metrics)
+"""
+
+import importlib
+
+from research.errors import UserError
+
+STAGES = ('pretrain',)
+
+
+def get_stage(name: str):
+  """The module implementing stage `name`."""
+  if name not in STAGES:
+    raise UserError(f'config.stage={name!r} is not a stage; choose one of {STAGES}.')
+  return importlib.import_module(f'research.stages.{name}')

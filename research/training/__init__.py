@@ -1,0 +1,1 @@
+"""Mesh and sharding, optimizer, train state, checkpoints, the trainer loop."""

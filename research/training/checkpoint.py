@@ -1,0 +1,92 @@
+"""Checkpoints with orbax: train state and data-iterator state, saved together.
+
+Layout of `workdir/checkpoints/<step>/`: `params`, `opt_state`, `meta` (step
+and rng) and `data` (the grain iterator state as JSON). Saves are
+asynchronous and atomic (orbax writes to a temporary directory and renames it),
+so a run killed mid-save leaves the previous checkpoint intact. Restores take
+an abstract target carrying shardings, so a checkpoint loads onto any mesh.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from research.errors import UserError
+from research.training.state import TrainState
+
+_ITEMS = ('params', 'opt_state', 'meta', 'data')
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+class Checkpointer:
+  """Saves and restores TrainState + data state under workdir/checkpoints."""
+
+  def __init__(self, workdir: str, keep: int = 2, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                         item_names=_ITEMS)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, state: TrainState, data_state: dict, *, force: bool = False) -> None:
+    step = int(jax.device_get(state.step))
+    self.manager.save(step, force=force, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        meta=ocp.args.StandardSave({'step': state.step, 'rng': state.rng}),
+        data=ocp.args.JsonSave(data_state)))
+
+  def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+    """Restores onto the shardings carried by `abstract_state`."""
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_state.params),
+          opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+          meta=ocp.args.StandardRestore({'step': abstract_state.step, 'rng': abstract_state.rng}),
+          data=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
+      raise UserError(
+          f'checkpoint {self.manager.directory}/{step} cannot be restored ({type(e).__name__}: '
+          f'{str(e).splitlines()[0][:300]}). If it is damaged, move that step directory away to '
+          'resume from the previous checkpoint; if the model or optimizer config changed, use '
+          'a new workdir with init_from instead.') from None
+    state = TrainState(step=out['meta']['step'], params=out['params'],
+                       opt_state=out['opt_state'], rng=out['meta']['rng'])
+    return state, out['data']
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_params(workdir: str, abstract_params: Any) -> tuple[Any, int]:
+  """Parameters of the latest checkpoint of another run (for init_from)."""
+  path = checkpoint_dir(workdir)
+  if not os.path.isdir(path):
+    raise UserError(f'init_from={workdir!r} has no checkpoints/ directory; point it at the '
+                    'workdir of a finished run.')
+  manager = ocp.CheckpointManager(path, item_names=_ITEMS)
+  step = manager.latest_step()
+  if step is None:
+    raise UserError(f'init_from={workdir!r} holds no complete checkpoint.')
+  try:
+    out = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params)))
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'init_from={workdir!r}: its parameters do not fit this model '
+                    f'({type(e).__name__}: {str(e).splitlines()[0][:300]}); the model config '
+                    'must match the one that run used.') from None
+  manager.close()
+  return out['params'], step

@@ -1,0 +1,418 @@
+"""The one training loop every stage shares.
+
+    setup:  mesh + rules -> model, optimizer -> sharded init (eval_shape ->
+            shardings -> jit(init, out_shardings)) or restore or init_from
+    loop:   state, metrics = train_step(state, batch)    # jit, donated state
+            every N steps: log (metrics fetched only then), checkpoint, eval
+
+A stage (research/stages/) supplies the data and the loss; see its package
+docstring for the interface.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from research import sampling
+from research.data import pipeline
+from research.data.tokenizer import Tokenizer
+from research.errors import UserError
+from research.models.llama import ModelConfig, Transformer, count_params
+from research.training import checkpoint as ckpt_lib
+from research.training import sharding
+from research.training.metrics import MetricWriter
+from research.training.optimizer import make_optimizer
+from research.training.state import TrainState
+
+
+def log(msg: str) -> None:
+  """Prints on process 0 only."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def build_model(config) -> Transformer:
+  """The Transformer described by config.model, validated."""
+  try:
+    cfg = ModelConfig.from_dict(config.model)
+  except (TypeError, ValueError) as e:
+    raise UserError(f'config.model: {e}') from None
+  if cfg.n_heads % cfg.n_kv_heads:
+    raise UserError(f'config.model.n_kv_heads={cfg.n_kv_heads} must divide n_heads={cfg.n_heads}.')
+  if cfg.dh % 2:
+    raise UserError(f'config.model head dim {cfg.dh} must be even for rotary embeddings.')
+  if cfg.remat not in ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims'):
+    raise UserError(f'config.model.remat={cfg.remat!r}; choose none, full, dots_saveable or '
+                    'dots_with_no_batch_dims.')
+  for field in ('dtype', 'param_dtype'):
+    if getattr(cfg, field) not in ('float32', 'bfloat16', 'float16'):
+      raise UserError(f'config.model.{field}={getattr(cfg, field)!r}; choose float32, bfloat16 or float16.')
+  return Transformer(cfg)
+
+
+def validate_run(config, mesh, rules) -> None:
+  """Checks the run shape before anything is compiled."""
+  for key in ('steps', 'batch_size', 'seq_len', 'log_every', 'eval_every', 'checkpoint_every'):
+    if int(config[key]) <= 0:
+      raise UserError(f'config.{key}={config[key]} must be positive.')
+  accum = int(config.optimizer.grad_accum_steps)
+  if accum <= 0:
+    raise UserError(f'config.optimizer.grad_accum_steps={accum} must be positive.')
+  shards = sharding.data_parallel_size(mesh, rules)
+  if config.batch_size % (shards * accum):
+    raise UserError(
+        f'config.batch_size={config.batch_size} does not divide over {shards} batch shards '
+        f'(mesh data x fsdp) x {accum} grad_accum_steps; make it a multiple of {shards * accum}.')
+  if config.batch_size % jax.process_count():
+    raise UserError(f'config.batch_size={config.batch_size} does not divide over '
+                    f'{jax.process_count()} processes.')
+
+
+class Trainer:
+  """Holds the compiled steps, the sharded state and the run's side effects."""
+
+  def __init__(self, config, workdir: str, stage):
+    self.config, self.workdir, self.stage = config, workdir, stage
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.rules = sharding.rules_from_config(config.sharding_rules)
+    validate_run(config, self.mesh, self.rules)
+    self.model = build_model(config)
+    self.tx, self.schedule = make_optimizer(config.optimizer, config.steps)
+    self._setup_shardings()
+
+  # ---- shapes and shardings -------------------------------------------------
+
+  def _context(self):
+    """Mesh and logical rules active while tracing."""
+    return _Context(self.mesh, self.rules)
+
+  def _init_params_boxed(self, rng):
+    dummy = jnp.zeros((1, min(8, self.config.seq_len)), jnp.int32)
+    return self.model.init(rng, dummy)['params']
+
+  def _setup_shardings(self):
+    with self._context():
+      boxed = jax.eval_shape(self._init_params_boxed, jax.random.PRNGKey(0))
+    logical = nn.get_partition_spec(boxed)
+    self.param_shardings = sharding.logical_to_shardings(logical, self.mesh, self.rules)
+    self.abstract_params = nn.meta.unbox(boxed)
+    sharding.check_divisible(self.abstract_params, self.param_shardings)
+    abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
+    repl = sharding.replicated(self.mesh)
+    opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
+                                          transform_non_params=lambda _: repl,
+                                          is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+    self.state_shardings = TrainState(step=repl, params=self.param_shardings,
+                                      opt_state=opt_shardings, rng=repl)
+    abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=self.abstract_params,
+                                opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+        self.state_shardings)
+    self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    self.rows = pipeline.process_rows(self.config.batch_size, jax.process_index(), jax.process_count())
+
+  # ---- state ------------------------------------------------------------------
+
+  def init_state(self) -> TrainState:
+    """Fresh state, created already sharded (no full copy on any host)."""
+    seed = self.config.seed
+
+    def init(rng):
+      params = nn.meta.unbox(self._init_params_boxed(rng))
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                        rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+
+    with self._context():
+      return jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(seed))
+
+  def with_params(self, state: TrainState, params) -> TrainState:
+    """`state` with new parameters and a fresh optimizer state for them."""
+    with self._context():
+      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+    return state.replace(params=params, opt_state=opt_state)
+
+  # ---- compiled steps -------------------------------------------------------
+
+  def _loss_and_grads(self, params, batch, rng):
+    def f(p):
+      loss, weight, metrics = self.stage.loss(self.model, p, batch, rng)
+      return loss * weight, (loss, weight, metrics)
+    (_, (loss, weight, metrics)), grads_sum = jax.value_and_grad(f, has_aux=True)(params)
+    return loss, weight, metrics, grads_sum
+
+  def _train_step(self, state: TrainState, batch):
+    rng, step_rng = jax.random.split(state.rng)
+    accum = int(self.config.optimizer.grad_accum_steps)
+    if accum == 1:
+      loss, weight, metrics, grads_sum = self._loss_and_grads(state.params, batch, step_rng)
+      loss_sum = loss * weight
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
+      micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+          x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, *self.batch_sharding.spec))), micro)
+
+      def body(carry, xs):
+        g_acc, l_acc, w_acc = carry
+        mb, i = xs
+        loss, weight, metrics, g = self._loss_and_grads(state.params, mb, jax.random.fold_in(step_rng, i))
+        g_acc = jax.tree.map(jnp.add, g_acc, g)
+        return (g_acc, l_acc + loss * weight, w_acc + weight), metrics
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads_sum, loss_sum, weight), metrics = jax.lax.scan(
+          body, (zeros, jnp.float32(0), jnp.float32(0)), (micro, jnp.arange(accum)))
+      metrics = jax.tree.map(jnp.mean, metrics)
+    grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1.0), grads_sum)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    out = {'train/loss': loss_sum / jnp.maximum(weight, 1.0), 'train/grad_norm': optax.global_norm(grads),
+           'train/lr': self.schedule(state.step), 'train/weight': weight}
+    out.update({f'train/{k}': v for k, v in metrics.items()})
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    return new_state, out
+
+  def _eval_step(self, params, batch):
+    loss, weight, metrics = self.stage.loss(self.model, params, batch, jax.random.PRNGKey(0))
+    out = {'loss_sum': loss * weight, 'weight': weight}
+    out.update({k: v * weight for k, v in metrics.items()})
+    return out
+
+  @functools.cached_property
+  def train_step(self):
+    # Every batch leaf is [batch, length]: one sharding serves as a pytree prefix.
+    return jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                   out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                   donate_argnums=(0,))
+
+  @functools.cached_property
+  def eval_step(self):
+    return jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.batch_sharding),
+                   out_shardings=sharding.replicated(self.mesh))
+
+  # ---- data ---------------------------------------------------------------------
+
+  def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Global jax.Arrays from this process's rows of a global numpy batch."""
+    local = pipeline.local_rows(batch, self.rows)
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, batch[k].shape)
+            for k, v in local.items()}
+
+  # ---- evaluation ---------------------------------------------------------------
+
+  def evaluate(self, params, batches) -> dict[str, float]:
+    """Weighted means over the fixed eval batches: eval/loss, eval/perplexity, ..."""
+    totals = None
+    with self._context():
+      for b in batches:
+        out = self.eval_step(params, self.to_global(b))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    w = max(float(totals.pop('weight')), 1.0)
+    result = {'eval/loss': float(totals.pop('loss_sum')) / w}
+    result['eval/perplexity'] = math.exp(min(result['eval/loss'], 50.0))
+    result.update({f'eval/{k}': float(v) / w for k, v in totals.items()})
+    return result
+
+  def samples(self, params, tokenizer: Tokenizer) -> list[str]:
+    """Greedy and temperature continuations of config.sample.prompts."""
+    s = self.config.sample
+    prompts = [tokenizer.encode(p, add_bos=True) for p in s.prompts]
+    lines = []
+    with self._context():
+      for temp in (0.0, s.temperature):
+        outs = sampling.generate(self.model, params, prompts, max_new_tokens=s.max_new_tokens,
+                                 rng=jax.random.PRNGKey(self.config.seed), temperature=temp,
+                                 top_k=s.top_k, top_p=s.top_p, stop_tokens=(tokenizer.eos_id,),
+                                 pad_id=tokenizer.pad_id)
+        for p, o in zip(s.prompts, outs):
+          lines.append(f'[T={temp:g}] {p + tokenizer.decode(o)!r}')
+    return lines
+
+
+class _Context:
+  """`with mesh + logical rules` for tracing sharded code."""
+
+  def __init__(self, mesh, rules):
+    self.mesh, self.rules = mesh, rules
+
+  def __enter__(self):
+    self._mesh_cm = jax.set_mesh(self.mesh)
+    self._rules_cm = nn.logical_axis_rules(self.rules)
+    self._mesh_cm.__enter__()
+    self._rules_cm.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    self._rules_cm.__exit__(*exc)
+    self._mesh_cm.__exit__(*exc)
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def write_config(config, workdir: str) -> None:
+  """Writes the resolved config atomically as workdir/config.json."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(path + '.tmp', path)
+
+
+def load_tokenizer(config, workdir: str) -> Tokenizer:
+  """The run's tokenizer: its own copy if resuming, init_from's, or the configured one."""
+  own = os.path.join(workdir, 'tokenizer.model')
+  if os.path.exists(own):
+    tok = Tokenizer.load(own)
+  elif config.init_from and os.path.exists(os.path.join(config.init_from, 'tokenizer.model')):
+    tok = Tokenizer.load(os.path.join(config.init_from, 'tokenizer.model'))
+  else:
+    tok = pipeline.get_tokenizer(config.data, config.model.vocab_size)
+  if tok.vocab_size > config.model.vocab_size:
+    raise UserError(f'the tokenizer {tok.path} has {tok.vocab_size} tokens but '
+                    f'config.model.vocab_size={config.model.vocab_size}; set model.vocab_size to at '
+                    'least the tokenizer size, or use a matching tokenizer.')
+  if jax.process_index() == 0 and not os.path.exists(own):
+    tok.save(own + '.tmp')
+    os.replace(own + '.tmp', own)
+  return tok
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) a training run in `workdir`; returns the last metrics."""
+  from research.stages import get_stage  # pylint: disable=import-outside-toplevel
+  stage = get_stage(config.stage)
+  os.makedirs(workdir, exist_ok=True)
+  trainer = Trainer(config, workdir, stage)
+  n_params = count_params(trainer.abstract_params)
+  log(f'model: {n_params / 1e6:.2f}M parameters | mesh {dict(trainer.mesh.shape)} | '
+      f'{jax.device_count()} devices, {jax.process_count()} processes')
+  if config.dry_run:
+    return dry_run(trainer)
+
+  tokenizer = load_tokenizer(config, workdir)
+  write_config(config, workdir)
+  train_data = stage.train_dataset(config, tokenizer)
+  eval_data = stage.eval_batches(config, tokenizer)
+  data_iter = iter(train_data)
+
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  writer = MetricWriter(workdir)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, data_state = ckpt.restore(latest, trainer.abstract_state)
+    data_iter.set_state(data_state)
+    writer.truncate_after(latest)
+    log(f'resumed from {ckpt_lib.checkpoint_dir(workdir)}/{latest}')
+  else:
+    state = trainer.init_state()
+    if config.init_from:
+      params, src_step = ckpt_lib.restore_params(config.init_from, jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          trainer.abstract_params, trainer.param_shardings))
+      state = trainer.with_params(state, params)
+      log(f'initialised parameters from {config.init_from} (step {src_step})')
+
+  start = int(jax.device_get(state.step))
+  last: dict[str, Any] = {}
+  if start == 0:
+    last = trainer.evaluate(state.params, eval_data)
+    writer.write(0, last)
+    log(f'step 0 | eval loss {last["eval/loss"]:.4f} | ppl {last["eval/perplexity"]:.1f}')
+
+  tokens_per_step = config.batch_size * config.seq_len
+  t_interval, steps_interval, t_start = time.time(), 0, time.time()
+  with trainer._context():  # pylint: disable=protected-access
+    for step in range(start + 1, config.steps + 1):
+      batch = trainer.to_global(next(data_iter))
+      state, metrics = trainer.train_step(state, batch)
+      steps_interval += 1
+      if step % config.log_every == 0 or step == config.steps:
+        metrics = jax.device_get(metrics)  # the only per-interval host sync
+        elapsed = time.time() - t_interval
+        metrics['train/tokens_per_sec'] = steps_interval * tokens_per_step / max(elapsed, 1e-9)
+        metrics.pop('train/weight', None)
+        writer.write(step, metrics)
+        eta = (config.steps - step) * elapsed / steps_interval
+        log(f'step {step}/{config.steps} | loss {metrics["train/loss"]:.4f} | '
+            f'lr {metrics["train/lr"]:.2e} | gnorm {metrics["train/grad_norm"]:.2f} | '
+            f'{metrics["train/tokens_per_sec"]:,.0f} tok/s | eta {_fmt_time(eta)}')
+        last.update(metrics)
+        t_interval, steps_interval = time.time(), 0
+      if step % config.checkpoint_every == 0 or step == config.steps:
+        ckpt.save(state, data_iter.get_state())
+      if step % config.eval_every == 0 or step == config.steps:
+        ev = trainer.evaluate(state.params, eval_data)
+        writer.write(step, ev)
+        last.update(ev)
+        log(f'step {step} | eval loss {ev["eval/loss"]:.4f} | ppl {ev["eval/perplexity"]:.1f}')
+        if jax.process_index() == 0:
+          for line in trainer.samples(state.params, tokenizer):
+            log('  sample ' + line)
+        t_interval = time.time()  # evaluation time is not training throughput
+  ckpt.close()
+  writer.close()
+  log(f'done: {config.steps - start} steps in {_fmt_time(time.time() - t_start)}')
+  return last
+
+
+def dry_run(trainer: Trainer) -> dict[str, Any]:
+  """Compiles the train step on abstract inputs and reports sizes, memory and FLOPs."""
+  c = trainer.config
+  abstract_batch = jax.ShapeDtypeStruct((c.batch_size, c.seq_len), jnp.int32, sharding=trainer.batch_sharding)
+  batch = {k: abstract_batch for k in ('inputs', 'targets', 'segment_ids', 'positions')}
+  t0 = time.time()
+  with trainer._context():  # pylint: disable=protected-access
+    compiled = trainer.train_step.lower(trainer.abstract_state, batch).compile()
+  compile_s = time.time() - t0
+
+  def per_device_bytes(tree):
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+      shard = leaf.sharding.shard_shape(leaf.shape)
+      total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+  n_params = count_params(trainer.abstract_params)
+  report = {
+      'params': n_params,
+      'param_bytes_per_device': per_device_bytes(trainer.abstract_state.params),
+      'opt_state_bytes_per_device': per_device_bytes(trainer.abstract_state.opt_state),
+      'compile_seconds': compile_s,
+  }
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    for name in ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
+                 'generated_code_size_in_bytes'):
+      report[name] = getattr(mem, name, None)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  if cost:
+    report['flops_per_step_per_device'] = cost.get('flops')
+  gib = 2 ** 30
+  log(f'dry run: {n_params / 1e9:.2f}B parameters')
+  log(f'  parameters per device:      {report["param_bytes_per_device"] / gib:8.3f} GiB')
+  log(f'  optimizer state per device: {report["opt_state_bytes_per_device"] / gib:8.3f} GiB')
+  if mem is not None:
+    log(f'  compiled temp per device:   {report["temp_size_in_bytes"] / gib:8.3f} GiB')
+  if report.get('flops_per_step_per_device'):
+    log(f'  FLOPs per step per device:  {report["flops_per_step_per_device"]:.3e}')
+  log(f'  compile time:               {compile_s:8.1f} s')
+  log(json.dumps(report))
+  return report
+
