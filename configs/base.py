@@ -27,7 +27,7 @@ MODEL_PRESETS = {
 
 # Per-preset run shape: (batch_size, seq_len, steps, optimizer lr).
 RUN_PRESETS = {
-    'tiny': (16, 256, 600, 3e-3),
+    'tiny': (16, 256, 800, 3e-3),
     'test': (8, 32, 20, 3e-3),
     'small': (256, 1024, 100_000, 6e-4),
     '1b': (256, 2048, 100_000, 3e-4),
@@ -116,6 +116,7 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
       tokenizer='',    # SentencePiece .model; '' = train one on the corpus (cached in data_dir)
       add_bos=True,
       add_eos=True,
+      shuffle_window=1024,  # packed rows shuffled in windows of this many rows
   ))
 
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets='.*/attn/(q|k|v|o)/kernel'))

@@ -45,21 +45,42 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   from research.errors import UserError  # pylint: disable=import-outside-toplevel
   try:
-    if _CONFIG.value is None:
+    if flags.FLAGS['config'].present == 0:
       raise UserError('--config is required, e.g. --config=configs/pretrain.py:size=tiny')
     if not _WORKDIR.value:
       raise UserError('--workdir is required: the run directory (re-running the same command resumes).')
+    try:
+      config = _CONFIG.value
+      config.stage  # pylint: disable=pointless-statement  # the config file loads lazily
+    except OSError as e:
+      raise UserError(f'cannot load --config: {str(e).splitlines()[-1].strip()}') from None
     init_distributed()
     from research.training import trainer  # pylint: disable=import-outside-toplevel
-    trainer.train(_CONFIG.value, _WORKDIR.value)
+    trainer.train(config, _WORKDIR.value)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl flag parsing, with bad flags and unknown --config keys as one-line errors."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except  # absl/ml_collections raise many types
+    msg = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").split())
+    if 'Traceback' in msg:  # an exception inside get_config(): keep its last line
+      msg = msg.rsplit('Error: ', 1)[-1]
+    bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    flag = next((b for b in bad if any(part in msg for part in b.split('.')[1:])), None)
+    hint = (f' ({flag}: check the key and type against the config file; unknown keys are '
+            'rejected)') if flag else ''
+    print(f'error: {msg}{hint}', file=sys.stderr)
+    sys.exit(2)
+
+
 def run():
-  """Console entry point: absl parses flags (an unknown --config key fails here, briefly)."""
-  app.run(main)
+  """Console entry point."""
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

@@ -83,8 +83,14 @@ def _rename_packed(row: dict) -> dict:
 
 def packed_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
                    text_key: str = 'text', add_bos: bool = True, add_eos: bool = True,
-                   shuffle: bool = True, num_epochs: int | None = None) -> grain.IterDataset:
-  """Global batches of packed rows: dicts of int32 [batch_size, seq_len]."""
+                   shuffle: bool = True, num_epochs: int | None = None,
+                   shuffle_window: int = 1024) -> grain.IterDataset:
+  """Global batches of packed rows: dicts of int32 [batch_size, seq_len].
+
+  Documents are shuffled globally each epoch; packed rows are shuffled again in
+  windows of `shuffle_window` rows, so one long document (a 100k-token file)
+  spreads over many batches instead of filling several in a row.
+  """
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed)  # reshuffled each epoch by repeat()
@@ -92,6 +98,8 @@ def packed_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: in
   ds = grain.experimental.ConcatThenSplitIterDataset(
       ds.to_iter_dataset(), length_struct={'inputs': seq_len, 'targets': seq_len})
   ds = ds.map(_rename_packed)
+  if shuffle and shuffle_window > 1:
+    ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_window, seed=seed)
   return ds.batch(batch_size, drop_remainder=True)
 
 
@@ -110,18 +118,27 @@ def local_rows(batch: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarra
 
 
 def eval_batches(data_cfg, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-                 max_batches: int) -> list[dict[str, Any]]:
-  """The fixed validation batches: the split in storage order, packed, one pass."""
+                 max_batches: int, scan_factor: int = 8) -> list[dict[str, Any]]:
+  """The fixed validation batches.
+
+  Packs the split in storage order (at most `scan_factor` times the rows
+  needed) and takes rows evenly spaced through it, so a few long documents
+  cannot make up the whole evaluation set.
+  """
   src = open_source(data_cfg, data_cfg.eval_split)
-  ds = packed_dataset(src, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=0,
+  ds = packed_dataset(src, tokenizer, seq_len=seq_len, batch_size=1, seed=0,
                       text_key=data_cfg.text_key, add_bos=data_cfg.add_bos,
                       add_eos=data_cfg.add_eos, shuffle=False, num_epochs=1)
-  out = []
-  for batch in ds:
-    out.append(batch)
-    if len(out) >= max_batches:
+  needed = max_batches * batch_size
+  rows = []
+  for row in ds:
+    rows.append({k: v[0] for k, v in row.items()})
+    if len(rows) >= scan_factor * needed:
       break
-  if not out:
+  if len(rows) < batch_size:
     raise UserError(f'the {data_cfg.eval_split!r} split holds less than one batch '
                     f'({batch_size} x {seq_len} tokens); lower batch_size or seq_len, or add data.')
-  return out
+  n_batches = min(max_batches, len(rows) // batch_size)
+  picked = np.linspace(0, len(rows) - 1, n_batches * batch_size).round().astype(int)
+  return [{k: np.stack([rows[i][k] for i in picked[b * batch_size:(b + 1) * batch_size]])
+           for k in rows[0]} for b in range(n_batches)]

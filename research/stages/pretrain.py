@@ -12,7 +12,7 @@ def train_dataset(config, tokenizer):
   src = pipeline.open_source(d, d.train_split)
   return pipeline.packed_dataset(src, tokenizer, seq_len=config.seq_len, batch_size=config.batch_size,
                                  seed=config.seed, text_key=d.text_key, add_bos=d.add_bos,
-                                 add_eos=d.add_eos)
+                                 add_eos=d.add_eos, shuffle_window=d.shuffle_window)
 
 
 def eval_batches(config, tokenizer):

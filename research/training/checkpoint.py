@@ -21,6 +21,15 @@ from research.training.state import TrainState
 _ITEMS = ('params', 'opt_state', 'meta', 'data')
 
 
+def json_lists_to_tuples(obj: Any) -> Any:
+  """Undoes JSON's tuple -> list: grain compares state slices with tuples."""
+  if isinstance(obj, dict):
+    return {k: json_lists_to_tuples(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return tuple(json_lists_to_tuples(v) for v in obj)
+  return obj
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
@@ -61,7 +70,7 @@ class Checkpointer:
           'a new workdir with init_from instead.') from None
     state = TrainState(step=out['meta']['step'], params=out['params'],
                        opt_state=out['opt_state'], rng=out['meta']['rng'])
-    return state, out['data']
+    return state, json_lists_to_tuples(out['data'])
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

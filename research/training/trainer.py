@@ -82,9 +82,9 @@ def validate_run(config, mesh, rules) -> None:
 class Trainer:
   """Holds the compiled steps, the sharded state and the run's side effects."""
 
-  def __init__(self, config, workdir: str, stage):
+  def __init__(self, config, workdir: str, stage, devices=None):
     self.config, self.workdir, self.stage = config, workdir, stage
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules_from_config(config.sharding_rules)
     validate_run(config, self.mesh, self.rules)
     self.model = build_model(config)
@@ -177,7 +177,7 @@ class Trainer:
     grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1.0), grads_sum)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    out = {'train/loss': loss_sum / jnp.maximum(weight, 1.0), 'train/grad_norm': optax.global_norm(grads),
+    out = {'train/loss': loss_sum / jnp.maximum(weight, 1.0), 'train/grad_norm': optax.tree.norm(grads),
            'train/lr': self.schedule(state.step), 'train/weight': weight}
     out.update({f'train/{k}': v for k, v in metrics.items()})
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
@@ -293,12 +293,16 @@ def load_tokenizer(config, workdir: str) -> Tokenizer:
   return tok
 
 
-def train(config, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) a training run in `workdir`; returns the last metrics."""
+def train(config, workdir: str, devices=None) -> dict[str, Any]:
+  """Runs (or resumes) a training run in `workdir`; returns the last metrics.
+
+  `devices` restricts the mesh to a subset of jax.devices() (tests use it to
+  compare meshes in one process).
+  """
   from research.stages import get_stage  # pylint: disable=import-outside-toplevel
   stage = get_stage(config.stage)
   os.makedirs(workdir, exist_ok=True)
-  trainer = Trainer(config, workdir, stage)
+  trainer = Trainer(config, workdir, stage, devices)
   n_params = count_params(trainer.abstract_params)
   log(f'model: {n_params / 1e6:.2f}M parameters | mesh {dict(trainer.mesh.shape)} | '
       f'{jax.device_count()} devices, {jax.process_count()} processes')
@@ -361,7 +365,7 @@ def train(config, workdir: str) -> dict[str, Any]:
         writer.write(step, ev)
         last.update(ev)
         log(f'step {step} | eval loss {ev["eval/loss"]:.4f} | ppl {ev["eval/perplexity"]:.1f}')
-        if jax.process_index() == 0:
+        if config.sample.prompts:  # every process runs the sharded sampler; process 0 prints
           for line in trainer.samples(state.params, tokenizer):
             log('  sample ' + line)
         t_interval = time.time()  # evaluation time is not training throughput

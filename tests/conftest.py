@@ -1,0 +1,56 @@
+"""Test setup: 8 fake CPU devices, a small offline corpus, tiny configs."""
+
+import os
+
+# Must be set before jax is imported anywhere.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import shutil  # noqa: E402
+import sysconfig  # noqa: E402
+
+import pytest  # noqa: E402
+
+# A few stdlib modules: a corpus small enough to build and tokenize in a second.
+_CORPUS_MODULES = ('textwrap.py', 'string.py', 'bisect.py', 'heapq.py', 'colorsys.py', 'shlex.py',
+                   'fnmatch.py', 'glob.py', 'keyword.py', 'queue.py', 'sched.py', 'this.py')
+
+
+@pytest.fixture(scope='session')
+def corpus_dir(tmp_path_factory):
+  """Directory of .txt documents copied from the standard library."""
+  d = tmp_path_factory.mktemp('corpus')
+  stdlib = sysconfig.get_paths()['stdlib']
+  for name in _CORPUS_MODULES:
+    shutil.copy(os.path.join(stdlib, name), d / (name[:-3] + '.txt'))
+  return str(d)
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """A TFDS data dir private to this test session."""
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def make_test_config(corpus_dir, data_dir, **overrides):
+  """The 'test' preset on the small corpus, with samples off; `a__b=v` sets a.b."""
+  from configs import pretrain
+  c = pretrain.get_config('size=test')
+  c.data.name = 'files'
+  c.data.files = os.path.join(corpus_dir, '*.txt')
+  c.data.data_dir = data_dir
+  c.sample.prompts = ()
+  c.eval_batches = 2
+  for key, value in overrides.items():
+    node = c
+    parts = key.split('__')
+    for p in parts[:-1]:
+      node = node[p]
+    node[parts[-1]] = value
+  return c
+
+
+@pytest.fixture
+def test_config(corpus_dir, data_dir):
+  """Factory: test_config(steps=5, mesh__data=8, ...)."""
+  return lambda **kw: make_test_config(corpus_dir, data_dir, **kw)

@@ -1,0 +1,175 @@
+"""Model correctness against independent references (numpy, closed forms)."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research.models import llama
+from research.models.llama import ModelConfig, Transformer, init_cache
+
+CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                  qkv_bias=True)
+
+
+def _init(cfg, T=12, seed=0):
+  model = Transformer(cfg)
+  tokens = jnp.zeros((1, T), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens))['params']
+  # Random (not tiny) norm scales and biases so every parameter matters.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  return model, jax.tree.unflatten(tree, leaves)
+
+
+def _tokens(B, T, seed=0, vocab=97):
+  return jax.random.randint(jax.random.PRNGKey(seed), (B, T), 0, vocab)
+
+
+def test_causal():
+  model, params = _init(CFG)
+  tok = _tokens(2, 12)
+  base, _ = model.apply({'params': params}, tok)
+  changed = tok.at[:, 7].set((tok[:, 7] + 1) % 97)
+  out, _ = model.apply({'params': params}, changed)
+  np.testing.assert_array_equal(np.asarray(out[:, :7]), np.asarray(base[:, :7]))
+  assert np.abs(np.asarray(out[:, 7:] - base[:, 7:])).max() > 1e-4
+
+
+def test_packed_segments_do_not_attend_to_each_other():
+  model, params = _init(CFG)
+  tok = _tokens(1, 12)
+  seg = jnp.asarray([[1] * 5 + [2] * 7])
+  pos = jnp.asarray([list(range(5)) + list(range(7))])
+  base, _ = model.apply({'params': params}, tok, pos, seg)
+  # Perturb every token of segment 1: segment 2's logits must not move.
+  changed = tok.at[:, :5].set((tok[:, :5] + 3) % 97)
+  out, _ = model.apply({'params': params}, changed, pos, seg)
+  np.testing.assert_array_equal(np.asarray(out[:, 5:]), np.asarray(base[:, 5:]))
+  # And segment 2 alone, from position 0, gives the same logits as in the pack.
+  alone, _ = model.apply({'params': params}, tok[:, 5:])
+  np.testing.assert_allclose(np.asarray(alone), np.asarray(base[:, 5:]), rtol=1e-5, atol=1e-5)
+
+
+def _numpy_inv_freq(dim, theta, factor=0.0, lo=1.0, hi=4.0, old=8192):
+  inv = 1.0 / theta ** (np.arange(0, dim, 2) / dim)
+  if not factor:
+    return inv
+  out = []
+  for f in inv:  # Llama 3.1 rule, written per frequency
+    wavelen = 2 * math.pi / f
+    if wavelen < old / hi:
+      out.append(f)
+    elif wavelen > old / lo:
+      out.append(f / factor)
+    else:
+      s = (old / wavelen - lo) / (hi - lo)
+      out.append((1 - s) * f / factor + s * f)
+  return np.asarray(out)
+
+
+def _numpy_rope(x, pos, inv):  # x [T, D]; rotate pairs (i, i + D/2)
+  half = x.shape[-1] // 2
+  out = np.empty_like(x)
+  for t in range(x.shape[0]):
+    for i in range(half):
+      a = pos[t] * inv[i]
+      x1, x2 = x[t, i], x[t, i + half]
+      out[t, i] = x1 * math.cos(a) - x2 * math.sin(a)
+      out[t, i + half] = x2 * math.cos(a) + x1 * math.sin(a)
+  return out
+
+
+@pytest.mark.parametrize('theta,factor', [(10000.0, 0.0), (500000.0, 8.0)])
+def test_rope_against_numpy(theta, factor):
+  cfg = ModelConfig(d_model=64, n_heads=1, head_dim=64, rope_theta=theta, rope_scaling_factor=factor,
+                    rope_original_max_len=8192)
+  inv = np.asarray(llama.rope_inv_freq(cfg))
+  np.testing.assert_allclose(inv, _numpy_inv_freq(64, theta, factor), rtol=1e-5)
+  x = np.random.RandomState(0).randn(6, 64).astype(np.float32)
+  # Angles are float32 (as in HF); beyond ~1000 rad their rounding alone exceeds 1e-4.
+  pos = np.asarray([0, 1, 5, 100, 517, 1000])
+  got = llama.apply_rope(jnp.asarray(x)[None, :, None, :], jnp.asarray(pos)[None], jnp.asarray(inv))
+  np.testing.assert_allclose(np.asarray(got)[0, :, 0], _numpy_rope(x, pos, inv), rtol=1e-4, atol=1e-4)
+
+
+def _numpy_forward(params, cfg, tokens):
+  """Independent float64 numpy implementation of the whole decoder."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = p['embed']['embedding'][tokens]
+  T = tokens.shape[0]
+  inv = _numpy_inv_freq(cfg.dh, cfg.rope_theta)
+  pos = np.arange(T)
+
+  def norm(v, scale):
+    return v / np.sqrt(np.mean(v * v, -1, keepdims=True) + cfg.norm_eps) * scale
+
+  for i in range(cfg.n_layers):
+    lp = p[f'layers_{i}']
+    a = lp['attn']
+    h = norm(x, lp['attn_norm']['scale'])
+    q = np.einsum('td,dhk->thk', h, a['q']['kernel']) + a['q']['bias']
+    k = np.einsum('td,dhk->thk', h, a['k']['kernel']) + a['k']['bias']
+    v = np.einsum('td,dhk->thk', h, a['v']['kernel']) + a['v']['bias']
+    q = np.stack([_numpy_rope(q[:, j], pos, inv) for j in range(cfg.n_heads)], 1)
+    k = np.stack([_numpy_rope(k[:, j], pos, inv) for j in range(cfg.n_kv_heads)], 1)
+    group = cfg.n_heads // cfg.n_kv_heads
+    heads = []
+    for j in range(cfg.n_heads):
+      kj, vj = k[:, j // group], v[:, j // group]
+      s = q[:, j] @ kj.T / math.sqrt(cfg.dh)
+      s = np.where(np.tril(np.ones((T, T))) > 0, s, -np.inf)
+      w = np.exp(s - s.max(-1, keepdims=True))
+      heads.append((w / w.sum(-1, keepdims=True)) @ vj)
+    o = np.einsum('thk,hkd->td', np.stack(heads, 1), a['o']['kernel'])
+    x = x + o
+    h = norm(x, lp['mlp_norm']['scale'])
+    g = h @ lp['mlp']['gate']['kernel']
+    x = x + ((g / (1 + np.exp(-g))) * (h @ lp['mlp']['up']['kernel'])) @ lp['mlp']['down']['kernel']
+  x = norm(x, p['final_norm']['scale'])
+  return x @ p['lm_head']['kernel']
+
+
+def test_forward_matches_numpy_reference():
+  model, params = _init(CFG)
+  tok = np.asarray(_tokens(1, 10))
+  got, _ = model.apply({'params': params}, jnp.asarray(tok))
+  want = _numpy_forward(params, CFG, tok[0])
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(np.asarray(got[0]), want, atol=1e-4 * scale)
+
+
+def test_kv_cache_decode_matches_full_forward():
+  model, params = _init(CFG)
+  tok = _tokens(2, 16)
+  full, _ = model.apply({'params': params}, tok)
+  cache = init_cache(CFG, 2, 24)
+  logits, cache = model.apply({'params': params}, tok[:, :9], cache=cache)
+  outs = [logits]
+  for t in range(9, 16):
+    logits, cache = model.apply({'params': params}, tok[:, t:t + 1], cache=cache)
+    outs.append(logits)
+  np.testing.assert_allclose(np.concatenate(outs, 1), np.asarray(full), rtol=1e-5, atol=1e-5)
+
+
+def test_scan_layers_matches_loop():
+  model, params = _init(CFG)
+  scan_cfg = ModelConfig(**{**CFG.__dict__, 'scan_layers': True, 'remat': 'full'})
+  stacked = {k: v for k, v in params.items() if not k.startswith('layers_')}
+  stacked['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f'layers_{i}'] for i in range(2)])
+  tok = _tokens(2, 12)
+  a, _ = model.apply({'params': params}, tok)
+  b, _ = Transformer(scan_cfg).apply({'params': stacked}, tok)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embeddings_and_bf16_compute_run():
+  cfg = ModelConfig(**{**CFG.__dict__, 'tie_embeddings': True, 'dtype': 'bfloat16'})
+  model, params = _init(cfg)
+  assert 'lm_head' not in params
+  logits, _ = model.apply({'params': params}, _tokens(1, 8))
+  assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()

@@ -1,0 +1,65 @@
+"""Two processes x 4 CPU devices (jax.distributed on 127.0.0.1) against one process x 8."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _cmd(workdir, corpus_dir, data_dir, *extra):
+  return [sys.executable, '-m', 'research.main', '--config=configs/pretrain.py:size=test',
+          f'--workdir={workdir}', '--config.data.name=files',
+          f'--config.data.files={corpus_dir}/*.txt', f'--config.data.data_dir={data_dir}',
+          '--config.sample.prompts=()', '--config.log_every=1', *extra]
+
+
+def _env(n_devices):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={n_devices}'
+  return env
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r['train/loss'] for r in map(json.loads, f) if 'train/loss' in r}
+
+
+def test_two_processes_match_one_and_checkpoint_moves_to_one_process(tmp_path, corpus_dir, data_dir):
+  flags = ['--config.steps=4', '--config.checkpoint_every=4', '--config.mesh.data=2',
+           '--config.mesh.fsdp=4']
+  one = str(tmp_path / 'one')
+  subprocess.run(_cmd(one, corpus_dir, data_dir, *flags), cwd=ROOT, env=_env(8), check=True,
+                 capture_output=True, timeout=600)
+
+  two = str(tmp_path / 'two')
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _cmd(two, corpus_dir, data_dir, *flags, f'--coordinator_address=127.0.0.1:{port}',
+           '--num_processes=2', f'--process_id={i}'),
+      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs
+  assert '2 processes' in outs[0]
+
+  want, got = _losses(one), _losses(two)
+  assert sorted(got) == [1, 2, 3, 4]
+  for step in got:
+    assert abs(got[step] - want[step]) / abs(want[step]) < 1e-5, (step, got[step], want[step])
+
+  # The two-process checkpoint (step 4) continues in one process on a tensor-parallel mesh.
+  r = subprocess.run(_cmd(two, corpus_dir, data_dir, '--config.steps=6', '--config.checkpoint_every=4',
+                          '--config.mesh.data=4', '--config.mesh.tensor=2'),
+                     cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'resumed from' in r.stdout
+  assert sorted(_losses(two)) == [1, 2, 3, 4, 5, 6]

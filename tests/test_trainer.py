@@ -1,0 +1,92 @@
+"""The shared trainer: mesh equivalence, FSDP shards, accumulation, warm start, restore."""
+
+import jax
+import numpy as np
+import pytest
+
+from research.errors import UserError
+from research.stages import pretrain
+from research.training import trainer as trainer_lib
+from research.training.metrics import read_metrics
+
+
+def _losses(workdir):
+  return {r['step']: r['train/loss'] for r in read_metrics(workdir) if 'train/loss' in r}
+
+
+def _run(config, workdir, devices=None):
+  trainer_lib.train(config, str(workdir), devices=devices)
+  return _losses(str(workdir))
+
+
+# One baseline per model shape; tensor meshes need kv_heads divisible by 4.
+@pytest.fixture(scope='module')
+def baselines(tmp_path_factory, corpus_dir, data_dir):
+  from conftest import make_test_config
+  out = {}
+  for kv in (2, 4):
+    c = make_test_config(corpus_dir, data_dir, steps=5, log_every=1, model__n_kv_heads=kv)
+    out[kv] = _run(c, tmp_path_factory.mktemp(f'base{kv}'), devices=jax.devices()[:1])
+  return out
+
+
+@pytest.mark.parametrize('mesh,kv', [
+    (dict(data=8), 2),
+    (dict(data=1, fsdp=8), 2),
+    (dict(data=2, tensor=4), 4),
+    (dict(data=2, fsdp=2, tensor=2), 4),
+])
+def test_mesh_gives_same_losses_as_one_device(mesh, kv, baselines, test_config, tmp_path):
+  overrides = {f'mesh__{k}': v for k, v in dict(dict(data=1, fsdp=1, tensor=1), **mesh).items()}
+  got = _run(test_config(steps=5, log_every=1, model__n_kv_heads=kv, **overrides), tmp_path)
+  want = baselines[kv]
+  assert sorted(got) == [1, 2, 3, 4, 5]
+  for step in got:
+    assert abs(got[step] - want[step]) / abs(want[step]) < 1e-5, (step, got[step], want[step])
+
+
+def test_fsdp_shards_parameters_and_moments(test_config, tmp_path):
+  c = test_config(mesh__data=1, mesh__fsdp=8)
+  t = trainer_lib.Trainer(c, str(tmp_path), pretrain)
+  state = t.init_state()
+  mu = state.opt_state[1][0].mu  # chain(clip, adamw) -> adamw's ScaleByAdamState
+  for tree in (state.params, mu):
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      if x.size < 32 * 32:  # norms stay replicated
+        continue
+      shard = x.addressable_shards[0].data
+      assert shard.size * 8 == x.size, (jax.tree_util.keystr(path), x.shape, shard.shape)
+
+
+def test_grad_accumulation_matches_one_big_batch(test_config, tmp_path):
+  a = _run(test_config(steps=3, log_every=1), tmp_path / 'a', devices=jax.devices()[:1])
+  b = _run(test_config(steps=3, log_every=1, optimizer__grad_accum_steps=4), tmp_path / 'b',
+           devices=jax.devices()[:1])
+  for step in a:
+    assert abs(a[step] - b[step]) / a[step] < 1e-5
+
+
+def test_init_from_and_restore_on_another_mesh(test_config, tmp_path):
+  src = tmp_path / 'src'
+  _run(test_config(steps=4, log_every=1, checkpoint_every=2, mesh__data=8), src)
+  # The same checkpoint restores onto an fsdp x tensor mesh and training continues.
+  resumed = _run(test_config(steps=6, log_every=1, checkpoint_every=2, mesh__data=2, mesh__fsdp=2,
+                             mesh__tensor=2, model__n_kv_heads=2), src)
+  assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+  # Warm start: a new run's step-0 eval loss equals the source's final eval loss.
+  src_eval = [r['eval/loss'] for r in read_metrics(str(src)) if 'eval/loss' in r][-1]
+  warm = tmp_path / 'warm'
+  trainer_lib.train(test_config(steps=1, init_from=str(src)), str(warm))
+  warm_eval0 = next(r['eval/loss'] for r in read_metrics(str(warm)) if r['step'] == 0)
+  assert abs(warm_eval0 - src_eval) < 1e-5
+
+
+def test_config_errors_are_user_errors(test_config, tmp_path):
+  with pytest.raises(UserError, match='config.mesh.data'):
+    trainer_lib.Trainer(test_config(mesh__data=3), str(tmp_path), pretrain)
+  with pytest.raises(UserError, match='config.batch_size=12'):
+    trainer_lib.Trainer(test_config(batch_size=12), str(tmp_path), pretrain)
+  with pytest.raises(UserError, match='n_kv_heads'):
+    trainer_lib.Trainer(test_config(model__n_kv_heads=3), str(tmp_path), pretrain)
+  with pytest.raises(UserError, match='cannot be split'):
+    trainer_lib.Trainer(test_config(mesh__data=1, mesh__tensor=8), str(tmp_path), pretrain)
