@@ -27,7 +27,7 @@ MODEL_PRESETS = {
 
 # Per-preset run shape: (batch_size, seq_len, steps, optimizer lr).
 RUN_PRESETS = {
-    'tiny': (16, 256, 800, 3e-3),
+    'tiny': (16, 256, 1000, 3e-3),
     'test': (8, 32, 20, 3e-3),
     'small': (256, 1024, 100_000, 6e-4),
     '1b': (256, 2048, 100_000, 3e-4),
@@ -96,6 +96,11 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
   c.dry_run = False
 
   c.model = model_config(size)
+  if size in ('small', '1b', '7b', '8b'):  # accelerator presets
+    c.model.dtype = 'bfloat16'  # compute; parameters and optimizer state stay float32
+  if size in ('1b', '7b', '8b'):
+    c.model.scan_layers = True  # compile one layer, not 32
+    c.model.remat = 'full'
 
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=lr, warmup_steps=min(100, max(1, steps // 10)), decay='cosine',  # cosine | linear | constant

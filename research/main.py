@@ -40,6 +40,17 @@ def init_distributed() -> None:
       jax.distributed.initialize()  # cluster auto-detection
 
 
+def simulate_devices_for_dry_run(config) -> None:
+  """Lets a laptop plan a pod: the CPU backend gets as many (fake) devices as
+  the mesh asks for. Must run before JAX initialises its backends; it only
+  affects the CPU platform, so real accelerators are untouched."""
+  sizes = [int(config.mesh[a]) for a in ('data', 'fsdp', 'tensor')]
+  flags_now = os.environ.get('XLA_FLAGS', '')
+  if -1 not in sizes and 'xla_force_host_platform_device_count' not in flags_now:
+    n = sizes[0] * sizes[1] * sizes[2]
+    os.environ['XLA_FLAGS'] = f'{flags_now} --xla_force_host_platform_device_count={n}'.strip()
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
@@ -54,6 +65,8 @@ def main(argv):
       config.stage  # pylint: disable=pointless-statement  # the config file loads lazily
     except OSError as e:
       raise UserError(f'cannot load --config: {str(e).splitlines()[-1].strip()}') from None
+    if config.dry_run:
+      simulate_devices_for_dry_run(config)
     init_distributed()
     from research.training import trainer  # pylint: disable=import-outside-toplevel
     trainer.train(config, _WORKDIR.value)

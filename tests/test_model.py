@@ -173,3 +173,22 @@ def test_tied_embeddings_and_bf16_compute_run():
   assert 'lm_head' not in params
   logits, _ = model.apply({'params': params}, _tokens(1, 8))
   assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+
+
+def test_scan_layers_gives_same_loss_and_grads_in_training():
+  from research.stages import pretrain
+  model, params = _init(CFG)
+  scan_model = Transformer(ModelConfig(**{**CFG.__dict__, 'scan_layers': True, 'remat': 'dots_saveable'}))
+  stacked = {k: v for k, v in params.items() if not k.startswith('layers_')}
+  stacked['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f'layers_{i}'] for i in range(2)])
+  tok = _tokens(2, 13)
+  batch = {'inputs': tok[:, :-1], 'targets': tok[:, 1:], 'segment_ids': jnp.ones((2, 12), jnp.int32),
+           'positions': jnp.broadcast_to(jnp.arange(12), (2, 12))}
+  f = lambda m: jax.value_and_grad(lambda p: pretrain.loss(m, p, batch, None)[0])
+  loss_a, grads_a = f(model)(params)
+  loss_b, grads_b = f(scan_model)(stacked)
+  np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-6)
+  for i in range(2):
+    for a, b in zip(jax.tree.leaves(grads_a[f'layers_{i}']),
+                    jax.tree.leaves(jax.tree.map(lambda x: x[i], grads_b['layers']))):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -27,6 +27,7 @@ import tensorflow_datasets as tfds
 from research.errors import UserError
 
 _VALIDATION_PERCENT = 2
+tfds.disable_progress_bar()  # progress bars garble the training log
 
 
 def _is_validation(key: str) -> bool:

@@ -334,3 +334,16 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> d
 def count_params(params) -> int:
   """Number of scalars in a parameter pytree (works on ShapeDtypeStructs)."""
   return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token, PaLM appendix B: 6 N + 12 L H Dh T.
+
+  N counts the parameters used in matmuls (the embedding table only when it is
+  tied, i.e. doubles as the output layer); the attention term is for the full
+  (not causally halved) score and value matmuls, as in PaLM.
+  """
+  d, f, h, k, dh = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.dh
+  per_layer = d * dh * (h + 2 * k) + h * dh * d + 3 * d * f
+  n_matmul = cfg.n_layers * per_layer + cfg.vocab_size * d
+  return 6.0 * n_matmul + 12.0 * cfg.n_layers * h * dh * seq_len

@@ -28,7 +28,7 @@ from research import sampling
 from research.data import pipeline
 from research.data.tokenizer import Tokenizer
 from research.errors import UserError
-from research.models.llama import ModelConfig, Transformer, count_params
+from research.models.llama import ModelConfig, Transformer, count_params, flops_per_token
 from research.training import checkpoint as ckpt_lib
 from research.training import sharding
 from research.training.metrics import MetricWriter
@@ -136,6 +136,20 @@ class Trainer:
 
     with self._context():
       return jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(seed))
+
+  def load_init_from(self):
+    """Parameters of init_from (a run's workdir, or hf:<dir>), placed sharded."""
+    src = self.config.init_from
+    if src.startswith(HF_PREFIX):
+      from research.interop import hf  # pylint: disable=import-outside-toplevel
+      _, params = hf.load_pretrained(
+          src[len(HF_PREFIX):], dtype=self.model.cfg.param_dtype, compute_dtype=self.model.cfg.dtype,
+          mesh=self.mesh, rules=self.rules, remat=self.model.cfg.remat,
+          scan_layers=self.model.cfg.scan_layers)
+      return params
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract_params, self.param_shardings)
+    return ckpt_lib.restore_params(src, abstract)[0]
 
   def with_params(self, state: TrainState, params) -> TrainState:
     """`state` with new parameters and a fresh optimizer state for them."""
@@ -274,11 +288,36 @@ def write_config(config, workdir: str) -> None:
   os.replace(path + '.tmp', path)
 
 
+HF_PREFIX = 'hf:'
+
+
+def apply_hf_architecture(config) -> None:
+  """For init_from=hf:<dir>, takes the architecture fields of config.model from
+  the checkpoint's config.json (dtype, remat and scan_layers stay as configured)."""
+  if not config.init_from.startswith(HF_PREFIX):
+    return
+  from research.interop import hf  # pylint: disable=import-outside-toplevel
+  path = config.init_from[len(HF_PREFIX):]
+  cfg_path = os.path.join(path, 'config.json')
+  if not os.path.exists(cfg_path):
+    raise UserError(f'init_from={config.init_from!r}: no config.json in {path}.')
+  with open(cfg_path) as f:
+    arch = hf.model_config_from_hf(json.load(f))
+  keep = ('dtype', 'param_dtype', 'remat', 'scan_layers', 'init_std')
+  with config.unlocked():
+    for field in ModelConfig.__dataclass_fields__:
+      if field not in keep:
+        config.model[field] = getattr(arch, field)
+
+
 def load_tokenizer(config, workdir: str) -> Tokenizer:
   """The run's tokenizer: its own copy if resuming, init_from's, or the configured one."""
   own = os.path.join(workdir, 'tokenizer.model')
   if os.path.exists(own):
     tok = Tokenizer.load(own)
+  elif config.init_from.startswith(HF_PREFIX) and not config.data.tokenizer:
+    from research.interop import hf  # pylint: disable=import-outside-toplevel
+    tok = hf.load_tokenizer(config.init_from[len(HF_PREFIX):])
   elif config.init_from and os.path.exists(os.path.join(config.init_from, 'tokenizer.model')):
     tok = Tokenizer.load(os.path.join(config.init_from, 'tokenizer.model'))
   else:
@@ -301,7 +340,7 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
   """
   from research.stages import get_stage  # pylint: disable=import-outside-toplevel
   stage = get_stage(config.stage)
-  os.makedirs(workdir, exist_ok=True)
+  apply_hf_architecture(config)
   trainer = Trainer(config, workdir, stage, devices)
   n_params = count_params(trainer.abstract_params)
   log(f'model: {n_params / 1e6:.2f}M parameters | mesh {dict(trainer.mesh.shape)} | '
@@ -309,6 +348,7 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
   if config.dry_run:
     return dry_run(trainer)
 
+  os.makedirs(workdir, exist_ok=True)
   tokenizer = load_tokenizer(config, workdir)
   write_config(config, workdir)
   train_data = stage.train_dataset(config, tokenizer)
@@ -326,11 +366,8 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
   else:
     state = trainer.init_state()
     if config.init_from:
-      params, src_step = ckpt_lib.restore_params(config.init_from, jax.tree.map(
-          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-          trainer.abstract_params, trainer.param_shardings))
-      state = trainer.with_params(state, params)
-      log(f'initialised parameters from {config.init_from} (step {src_step})')
+      state = trainer.with_params(state, trainer.load_init_from())
+      log(f'initialised parameters from {config.init_from}')
 
   start = int(jax.device_get(state.step))
   last: dict[str, Any] = {}
@@ -406,16 +443,20 @@ def dry_run(trainer: Trainer) -> dict[str, Any]:
       report[name] = getattr(mem, name, None)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-  if cost:
-    report['flops_per_step_per_device'] = cost.get('flops')
+  if cost:  # XLA counts a scanned layer's body once, so this undercounts with scan_layers
+    report['xla_flops_per_step_per_device'] = cost.get('flops')
+  tokens = c.batch_size * c.seq_len
+  report['model_flops_per_step'] = flops_per_token(trainer.model.cfg, c.seq_len) * tokens
   gib = 2 ** 30
   log(f'dry run: {n_params / 1e9:.2f}B parameters')
   log(f'  parameters per device:      {report["param_bytes_per_device"] / gib:8.3f} GiB')
   log(f'  optimizer state per device: {report["opt_state_bytes_per_device"] / gib:8.3f} GiB')
   if mem is not None:
     log(f'  compiled temp per device:   {report["temp_size_in_bytes"] / gib:8.3f} GiB')
-  if report.get('flops_per_step_per_device'):
-    log(f'  FLOPs per step per device:  {report["flops_per_step_per_device"]:.3e}')
+  log(f'  model FLOPs per step:       {report["model_flops_per_step"]:.3e} (6N + 12LHQT, all devices)')
+  if report.get('xla_flops_per_step_per_device'):
+    log(f'  XLA FLOPs per step/device:  {report["xla_flops_per_step_per_device"]:.3e} '
+        '(a scanned layer counts once)')
   log(f'  compile time:               {compile_s:8.1f} s')
   log(json.dumps(report))
   return report

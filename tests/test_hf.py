@@ -1,0 +1,172 @@
+"""HF transformers (torch, CPU) as the oracle for checkpoint import and export."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from research import sampling
+from research.errors import UserError
+from research.interop import hf
+
+torch.set_num_threads(1)
+
+
+def _families():
+  common = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=96, max_position_embeddings=256, rms_norm_eps=1e-5)
+  return {
+      'llama3_gqa_scaled': transformers.LlamaConfig(
+          **common, num_key_value_heads=2, rope_theta=500000.0,
+          rope_scaling={'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
+                        'high_freq_factor': 4.0, 'original_max_position_embeddings': 32}),
+      'llama_tied_headdim': transformers.LlamaConfig(
+          **common, num_key_value_heads=4, head_dim=24, tie_word_embeddings=True),
+      'mistral': transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=None),
+      'qwen2_bias': transformers.Qwen2Config(**common, num_key_value_heads=2, use_sliding_window=False,
+                                             tie_word_embeddings=False),
+  }
+
+
+def _random_hf_model(config, seed=0):
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'norm' in name:
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      else:
+        p.copy_(0.1 * torch.randn_like(p))
+  return model
+
+
+@pytest.fixture(scope='module', params=sorted(_families()))
+def family(request, tmp_path_factory):
+  model = _random_hf_model(_families()[request.param])
+  path = str(tmp_path_factory.mktemp(request.param))
+  model.save_pretrained(path, safe_serialization=True)
+  return request.param, model, path
+
+
+def _hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor(tokens)).logits.numpy()
+
+
+def test_logits_match_transformers(family):
+  _, hf_model, path = family
+  model, params = hf.load_pretrained(path)
+  tokens = np.random.RandomState(0).randint(0, 512, (2, 40))
+  want = _hf_logits(hf_model, tokens)
+  got, _ = model.apply({'params': params}, jnp.asarray(tokens))
+  assert np.abs(np.asarray(got) - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_scan_layers_import_matches(family):
+  _, hf_model, path = family
+  model, params = hf.load_pretrained(path, scan_layers=True)
+  tokens = np.random.RandomState(1).randint(0, 512, (1, 17))
+  want = _hf_logits(hf_model, tokens)
+  got, _ = model.apply({'params': params}, jnp.asarray(tokens))
+  assert np.abs(np.asarray(got) - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_export_reloads_bit_identical(family, tmp_path):
+  name, _, path = family
+  model, params = hf.load_pretrained(path)
+  out = str(tmp_path / 'export')
+  hf.save_pretrained(out, model, params, model_type=name.split('_')[0].rstrip('3'))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+  theirs = {k: v.numpy() for k, v in reloaded.state_dict().items()}
+  ours = hf.to_hf_state_dict(model.cfg, params)
+  for key, value in ours.items():
+    np.testing.assert_array_equal(theirs[key], value, err_msg=key)
+
+
+def test_greedy_decoding_matches_generate(family):
+  _, hf_model, path = family
+  model, params = hf.load_pretrained(path)
+  prompt = [5, 17, 300, 42, 9]
+  with torch.no_grad():
+    want = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20,
+                             min_new_tokens=20, eos_token_id=None, pad_token_id=0)[0, 5:].tolist()
+  got = sampling.generate(model, params, [prompt], max_new_tokens=20)[0]
+  assert got == want
+
+
+def test_sharded_load_places_tensors_on_the_mesh(family):
+  from configs.base import DEFAULT_RULES
+  _, hf_model, path = family
+  mesh = jax.make_mesh((1, 4, 2), ('data', 'fsdp', 'tensor'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:8])
+  model, params = hf.load_pretrained(path, mesh=mesh, rules=DEFAULT_RULES)
+  q = params['layers_0']['attn']['q']['kernel']
+  assert q.sharding.spec[0] == 'fsdp'
+  assert q.addressable_shards[0].data.shape[0] == q.shape[0] // 4
+  tokens = np.random.RandomState(0).randint(0, 512, (1, 9))
+  got, _ = model.apply({'params': params}, jnp.asarray(tokens))
+  want = _hf_logits(hf_model, tokens)
+  assert np.abs(np.asarray(got) - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_unsupported_fields_raise(tmp_path):
+  with pytest.raises(UserError, match='sliding_window'):
+    hf.model_config_from_hf(transformers.MistralConfig(sliding_window=1024, max_position_embeddings=4096).to_dict())
+  with pytest.raises(UserError, match='model_type'):
+    hf.model_config_from_hf({'model_type': 'gpt2'})
+  (tmp_path / 'tokenizer.json').write_text('{}')
+  with pytest.raises(UserError, match='tokenizer.json'):
+    hf.load_tokenizer(str(tmp_path))
+
+
+def test_init_from_hf_starts_from_those_weights(tmp_path, test_config, corpus_dir):
+  """Step-0 eval loss of a run with init_from=hf:<dir> equals the HF model's loss."""
+  from research.data.tokenizer import train_tokenizer
+  from research.training import trainer as trainer_lib
+  from research.training.metrics import read_metrics
+  texts = [open(os.path.join(corpus_dir, f)).read() for f in sorted(os.listdir(corpus_dir))]
+  tok = train_tokenizer(texts, 512)
+  hf_model = _random_hf_model(_families()['llama3_gqa_scaled'], seed=3)
+  path = str(tmp_path / 'hf')
+  hf_model.save_pretrained(path, safe_serialization=True)
+  tok.save(os.path.join(path, 'tokenizer.model'))  # as Llama-2 checkpoints ship one
+
+  config = test_config(steps=1, init_from=f'hf:{path}', eval_batches=1, seq_len=48)
+  workdir = str(tmp_path / 'run')
+  trainer_lib.train(config, workdir, devices=jax.devices()[:1])
+  eval0 = next(r['eval/loss'] for r in read_metrics(workdir) if r['step'] == 0)
+
+  # The HF loss on the same eval batch, document segment by document segment.
+  from research.stages import pretrain
+  batch = pretrain.eval_batches(config, tok)[0]
+  total, count = 0.0, 0
+  for row in range(batch['inputs'].shape[0]):
+    seg = batch['segment_ids'][row]
+    for s in np.unique(seg[seg > 0]):
+      idx = np.nonzero(seg == s)[0]
+      with torch.no_grad():
+        logits = hf_model(torch.tensor(batch['inputs'][row, idx][None]),
+                          position_ids=torch.tensor(batch['positions'][row, idx][None])).logits[0]
+      logp = torch.log_softmax(logits.double(), -1)
+      total -= logp[torch.arange(len(idx)), torch.tensor(batch['targets'][row, idx])].sum().item()
+      count += len(idx)
+  assert abs(eval0 - total / count) / (total / count) < 1e-5
+
+
+def test_export_cli_writes_a_loadable_checkpoint(tmp_path, test_config):
+  from research import export
+  from research.training import trainer as trainer_lib
+  workdir = str(tmp_path / 'run')
+  trainer_lib.train(test_config(steps=2, model__qkv_bias=True), workdir, devices=jax.devices()[:1])
+  out = export.export(workdir, str(tmp_path / 'out'))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+  assert reloaded.config.model_type == 'qwen2' and os.path.exists(os.path.join(out, 'tokenizer.model'))
+  model, params = hf.load_pretrained(out)
+  tokens = np.arange(12)[None] % 100
+  got, _ = model.apply({'params': params}, jnp.asarray(tokens))
+  want = _hf_logits(reloaded, tokens)
+  assert np.abs(np.asarray(got) - want).max() / np.abs(want).max() < 1e-4
