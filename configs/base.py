@@ -50,6 +50,7 @@ DEFAULT_RULES = (
     ('head_dim', None),
     ('norm', None),
     ('layers', None),
+    ('lora', None),
 )
 
 
@@ -122,9 +123,13 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
       add_bos=True,
       add_eos=True,
       shuffle_window=1024,  # packed rows shuffled in windows of this many rows
+      mix_weights=(),       # for data.name='a+b': sampling weights of the datasets
   ))
 
-  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets='.*/attn/(q|k|v|o)/kernel'))
+  # LoRA: rank 0 = off. targets: a preset (attention | all_linear) or a regex
+  # fully matching parameter paths such as 'layers_0/attn/q/kernel'.
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets='attention',
+                                          rslora=False))
 
   c.sample = ml_collections.ConfigDict(dict(
       prompts=('def ', 'import ', 'class '), max_new_tokens=48, temperature=0.8, top_k=0,

@@ -1,8 +1,12 @@
 """The `make run` job: the stage pipeline on the embedded default data.
 
-Today: pretrain the `tiny` preset on the Python standard library, then report
-the validation loss at the start and the end and print samples. Each stage's
-run directory lives under --runs; re-running resumes (or skips) finished work.
+1. pretrain the `tiny` preset on the Python standard library; report the
+   validation loss at the start and the end, and print samples;
+2. supervised fine-tuning from it on the embedded SFT mixture (generated tasks
+   and stdlib code); report held-out exact match before and after.
+
+Each stage's run directory lives under --runs; re-running resumes (or skips)
+finished work.
 
     python -m experiments.pipeline --runs=runs
 """
@@ -27,17 +31,32 @@ def run_stage(config: str, workdir: str, *overrides: str) -> list[dict]:
   return read_metrics(workdir)
 
 
+def first_and_last(rows: list[dict], key: str) -> tuple[dict, dict]:
+  """The first and last metrics rows that hold `key`."""
+  hits = [r for r in rows if key in r]
+  return hits[0], hits[-1]
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--runs', default='runs', help='parent directory of the run directories')
   args = parser.parse_args()
-  rows = run_stage('configs/pretrain.py:size=tiny', os.path.join(args.runs, 'pretrain'))
-  evals = [r for r in rows if 'eval/loss' in r]
-  first, last = evals[0], evals[-1]
-  ratio = last['eval/loss'] / first['eval/loss']
-  print(f'\npretrain: validation loss {first["eval/loss"]:.3f} (step {first["step"]}) -> '
-        f'{last["eval/loss"]:.3f} (step {last["step"]}), {100 * ratio:.0f}% of the start '
-        f'(perplexity {first["eval/perplexity"]:.0f} -> {last["eval/perplexity"]:.1f})')
+  pre_dir, sft_dir = os.path.join(args.runs, 'pretrain'), os.path.join(args.runs, 'sft')
+
+  pre = run_stage('configs/pretrain.py:size=tiny', pre_dir)
+  sft = run_stage('configs/sft.py:size=tiny', sft_dir, f'--config.init_from={pre_dir}')
+
+  a, b = first_and_last(pre, 'eval/loss')
+  print(f'\npretrain: validation loss {a["eval/loss"]:.3f} (step {a["step"]}) -> '
+        f'{b["eval/loss"]:.3f} (step {b["step"]}), {100 * b["eval/loss"] / a["eval/loss"]:.0f}% '
+        f'of the start (perplexity {a["eval/perplexity"]:.0f} -> {b["eval/perplexity"]:.1f})')
+  a, b = first_and_last(sft, 'eval/exact_match')
+  families = sorted(k.split('/')[-1] for k in b if k.startswith('eval/exact_match/'))
+  per = ', '.join(f'{f} {100 * a["eval/exact_match/" + f]:.0f} -> {100 * b["eval/exact_match/" + f]:.0f}'
+                  for f in families)
+  print(f'sft: held-out exact match {100 * a["eval/exact_match"]:.1f}% -> '
+        f'{100 * b["eval/exact_match"]:.1f}% ({per}); response loss '
+        f'{a["eval/loss"]:.3f} -> {b["eval/loss"]:.3f}')
 
 
 if __name__ == '__main__':

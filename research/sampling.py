@@ -37,7 +37,7 @@ def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float = 0.0
     probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
     # Keep a token if the mass strictly before it is below top_p (the first is always kept).
     mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    n_keep_B = jnp.sum(mass_before_BV < top_p, axis=-1)
+    n_keep_B = jnp.maximum(jnp.sum(mass_before_BV < top_p, axis=-1), 1)
     threshold_B1 = jnp.take_along_axis(sorted_BV, n_keep_B[:, None] - 1, axis=-1)
     logits = jnp.where(logits < threshold_B1, neg, logits)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
@@ -97,6 +97,9 @@ def generate(model: Transformer, params, prompts: Sequence[Sequence[int]], *, ma
   out = _generate(model, params, tokens, segs, pos, rng, max_new_tokens=max_new_tokens,
                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                   stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id))
+  if not out.is_fully_addressable:  # multi-process: every process gets all rows
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    out = multihost_utils.process_allgather(out, tiled=True)
   out = np.asarray(out)
   results = []
   for row in out:

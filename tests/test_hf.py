@@ -116,6 +116,8 @@ def test_sharded_load_places_tensors_on_the_mesh(family):
 def test_unsupported_fields_raise(tmp_path):
   with pytest.raises(UserError, match='sliding_window'):
     hf.model_config_from_hf(transformers.MistralConfig(sliding_window=1024, max_position_embeddings=4096).to_dict())
+  with pytest.raises(UserError, match='o_proj bias'):
+    hf.model_config_from_hf(transformers.LlamaConfig(attention_bias=True).to_dict())
   with pytest.raises(UserError, match='model_type'):
     hf.model_config_from_hf({'model_type': 'gpt2'})
   (tmp_path / 'tokenizer.json').write_text('{}')

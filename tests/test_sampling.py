@@ -26,6 +26,7 @@ def test_top_k_and_top_p_supports_match_numpy():
   n = int(np.argmax(np.cumsum(probs) >= 0.75)) + 1
   assert _support(logits, temperature=1.0, top_p=0.75) == set(range(n))
   assert _support(logits, temperature=0.0) == {0}
+  assert _support(logits, temperature=1.0, top_p=1e-6) == {0}  # at least one token survives
 
 
 def test_sampling_frequencies_follow_temperature():

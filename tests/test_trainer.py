@@ -48,7 +48,7 @@ def test_mesh_gives_same_losses_as_one_device(mesh, kv, baselines, test_config, 
 def test_fsdp_shards_parameters_and_moments(test_config, tmp_path):
   c = test_config(mesh__data=1, mesh__fsdp=8)
   t = trainer_lib.Trainer(c, str(tmp_path), pretrain)
-  state = t.init_state()
+  state, _ = t.init_state()
   mu = state.opt_state[1][0].mu  # chain(clip, adamw) -> adamw's ScaleByAdamState
   for tree in (state.params, mu):
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:

@@ -48,6 +48,7 @@ def get_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
     return Tokenizer.load(data_cfg.tokenizer)
   import jax  # pylint: disable=import-outside-toplevel
   path = default_tokenizer_path(data_cfg, vocab_size)
+  open_source(data_cfg, data_cfg.train_split)  # every process: preparing data has its own barrier
   if jax.process_index() == 0 and not os.path.exists(path):
     _train_and_save_tokenizer(data_cfg, vocab_size, path)
   sources.sync_processes('tokenizer_ready')

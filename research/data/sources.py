@@ -30,7 +30,8 @@ _VALIDATION_PERCENT = 2
 tfds.disable_progress_bar()  # progress bars garble the training log
 
 
-def _is_validation(key: str) -> bool:
+def is_validation(key: str) -> bool:
+  """Whether a document key falls in the fixed validation split."""
   return int(hashlib.md5(key.encode()).hexdigest(), 16) % 100 < _VALIDATION_PERCENT
 
 
@@ -67,7 +68,7 @@ class Stdlib(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, validation):
     for rel, path in stdlib_files():
-      if _is_validation(rel) == validation:
+      if is_validation(rel) == validation:
         with open(path, encoding='utf-8', errors='replace') as f:
           yield rel, {'text': f.read(), 'key': rel}
 
@@ -85,7 +86,10 @@ def _expand_globs(files: str) -> list[str]:
 
 
 def read_local_documents(paths: list[str], text_key: str) -> Iterator[tuple[str, str | None]]:
-  """Yields (key, text) for every document; text is None for a malformed row."""
+  """Yields (key, text) for every document; text is None for a malformed row.
+
+  text_key '' keeps each .jsonl line raw (structured rows, parsed by the stage).
+  """
   for path in paths:
     if path.endswith('.txt'):
       with open(path, encoding='utf-8', errors='replace') as f:
@@ -94,6 +98,9 @@ def read_local_documents(paths: list[str], text_key: str) -> Iterator[tuple[str,
     with open(path, encoding='utf-8', errors='replace') as f:
       for i, line in enumerate(f):
         if not line.strip():
+          continue
+        if not text_key:
+          yield f'{path}:{i}', line.strip()
           continue
         try:
           row = json.loads(line)
@@ -131,7 +138,7 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
     if n_bad:
       print(f'warning: skipped {n_bad} malformed of {len(docs)} rows in data.files '
             f'(need a string field {self._text_key!r})', file=sys.stderr)
-    val = [k for k, _ in good if _is_validation(k)]
+    val = [k for k, _ in good if is_validation(k)]
     if not val:  # small corpora: hold out the document with the smallest hash
       val = [min((k for k, _ in good), key=lambda k: hashlib.md5(k.encode()).hexdigest())]
     val = set(val)
@@ -168,7 +175,8 @@ def project_builder(name: str, data_dir: str, files: str = '', text_key: str = '
   if name == 'files':
     return LocalText(paths=_expand_globs(files), text_key=text_key, data_dir=data_dir,
                      file_format='array_record')
-  return None
+  from research.data import sft_sources  # pylint: disable=import-outside-toplevel
+  return sft_sources.sft_builder(name, data_dir)
 
 
 def prepare(builder) -> None:

@@ -73,16 +73,17 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
                   rope_low_freq_factor=float(scaling['low_freq_factor']),
                   rope_high_freq_factor=float(scaling['high_freq_factor']),
                   rope_original_max_len=int(scaling['original_max_position_embeddings']))
-  if kind == 'llama' and hf.get('attention_bias') and not fields['qkv_bias']:
-    fields['qkv_bias'] = True
+  if kind in ('llama', 'mistral') and hf.get('attention_bias'):
+    raise UserError(f'{kind} with attention_bias=True also has an o_proj bias, which this model '
+                    'does not implement.')
   fields.update(overrides)
   return ModelConfig(**fields)
 
 
 def hf_config_from_model(cfg: ModelConfig, model_type: str = 'llama') -> dict:
   """config.json dict for `cfg` (Llama, or Qwen2 when q/k/v have biases)."""
-  if cfg.qkv_bias and model_type == 'llama':
-    model_type = 'qwen2'
+  if cfg.qkv_bias and model_type in ('llama', 'mistral'):
+    model_type = 'qwen2'  # the family whose attention has q/k/v (and no o) biases
   out = {
       'architectures': [{'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
                          'qwen2': 'Qwen2ForCausalLM'}[model_type]],
@@ -94,7 +95,7 @@ def hf_config_from_model(cfg: ModelConfig, model_type: str = 'llama') -> dict:
       'max_position_embeddings': max(cfg.rope_original_max_len, 8192), 'torch_dtype': cfg.param_dtype,
   }
   if model_type == 'llama':
-    out['attention_bias'] = cfg.qkv_bias
+    out['attention_bias'] = False
   if model_type in ('mistral', 'qwen2'):
     out['sliding_window'] = None
     out['use_sliding_window'] = False
@@ -244,13 +245,19 @@ def to_hf_state_dict(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
   return out
 
 
-def save_pretrained(path: str, model: Transformer, params, model_type: str = 'llama') -> None:
-  """Writes config.json and model.safetensors that transformers loads."""
+def save_pretrained(path: str, model: Transformer, params, model_type: str = 'llama',
+                    tokenizer=None) -> None:
+  """Writes config.json and model.safetensors that transformers loads (and the
+  tokenizer's bos/eos/pad ids, so HF generation stops where ours does)."""
   os.makedirs(path, exist_ok=True)
   params = jax.device_get(params)
   cfg = dataclasses.replace(model.cfg)
+  hf_cfg = hf_config_from_model(cfg, model_type)
+  if tokenizer is not None:
+    hf_cfg.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                  pad_token_id=tokenizer.pad_id)
   with open(os.path.join(path, 'config.json'), 'w') as f:
-    json.dump(hf_config_from_model(cfg, model_type), f, indent=2)
+    json.dump(hf_cfg, f, indent=2)
   tensors = {k: np.ascontiguousarray(v) for k, v in to_hf_state_dict(cfg, params).items()}
   save_file(tensors, os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -59,10 +60,24 @@ class ModelConfig:
   remat: str = 'none'  # none | full | dots_saveable | dots_with_no_batch_dims
   scan_layers: bool = False
   init_std: float = 0.02
+  # LoRA (set from config.lora by the trainer): adapters on kernels whose path
+  # ('layers_0/attn/q/kernel', ...) fully matches lora_targets.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: str = ''
+  lora_rslora: bool = False
 
   @property
   def dh(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def lora_scale(self) -> float:
+    """alpha / rank, or alpha / sqrt(rank) with rsLoRA (Kalajdzievski, 2023)."""
+    if self.lora_rank <= 0:
+      return 0.0
+    return self.lora_alpha / (math.sqrt(self.lora_rank) if self.lora_rslora else self.lora_rank)
 
   @classmethod
   def from_dict(cls, d: Any) -> 'ModelConfig':
@@ -128,7 +143,12 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-  """y = x . W (+ b), contracting the last `n_in` dims of x with W's leading dims.
+  """y = x . W (+ b) (+ LoRA), contracting the last `n_in` dims of x with W's leading dims.
+
+  With `lora.rank > 0` and this kernel's path matching `lora.targets`, adds
+  scale * dropout(x) . A . B (Hu et al., 2021): A [in..., r] random, B [r, out...]
+  zero, so the model starts unchanged. Dropout is active only when the caller
+  passes a 'dropout' rng (training).
 
   Hand-written rather than nn.DenseGeneral because DenseGeneral initialises a
   flattened 2-D kernel, which breaks logical partitioning of N-D kernels.
@@ -141,6 +161,8 @@ class Linear(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   init_std: float = 0.02
+  lora: ModelConfig | None = None
+  f32_output: bool = False  # accumulate and return float32 (the output layer's logits)
 
   @nn.compact
   def __call__(self, x):
@@ -149,18 +171,44 @@ class Linear(nn.Module):
         nn.initializers.normal(self.init_std), self.axes), shape, self.param_dtype)
     contract = tuple(range(x.ndim - self.n_in, x.ndim))
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((contract, tuple(range(self.n_in))), ((), ())))
+                            ((contract, tuple(range(self.n_in))), ((), ())),
+                            preferred_element_type=jnp.float32 if self.f32_output else None)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
           nn.initializers.zeros, self.axes[self.n_in:]), tuple(self.features), self.param_dtype)
       y = y + bias.astype(self.dtype)
+    if self._has_lora():
+      y = y + self._lora_delta(x, shape)
     return y
 
+  def _has_lora(self) -> bool:
+    cfg = self.lora
+    return (cfg is not None and cfg.lora_rank > 0 and
+            re.fullmatch(cfg.lora_targets, '/'.join(self.path) + '/kernel') is not None)
 
-def _dense(cfg: ModelConfig, features, axes, name, *, n_in=1, use_bias=False):
+  def _lora_delta(self, x, shape):
+    cfg, r = self.lora, self.lora.lora_rank
+    in_shape = shape[:self.n_in]
+    a = self.param('lora_a', nn.with_logical_partitioning(
+        nn.initializers.normal(1.0 / math.sqrt(math.prod(in_shape))), self.axes[:self.n_in] + ('lora',)),
+        in_shape + (r,), self.param_dtype)
+    b = self.param('lora_b', nn.with_logical_partitioning(
+        nn.initializers.zeros, ('lora',) + self.axes[self.n_in:]), (r,) + tuple(self.features),
+        self.param_dtype)
+    if cfg.lora_dropout > 0 and self.has_rng('dropout'):
+      x = nn.Dropout(cfg.lora_dropout, deterministic=False)(x)
+    contract = tuple(range(x.ndim - self.n_in, x.ndim))
+    h = jax.lax.dot_general(x.astype(self.dtype), a.astype(self.dtype),
+                            ((contract, tuple(range(self.n_in))), ((), ())))
+    delta = jax.lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
+    return cfg.lora_scale * delta
+
+
+def _dense(cfg: ModelConfig, features, axes, name, *, n_in=1, use_bias=False, f32_output=False):
   features = (features,) if isinstance(features, int) else tuple(features)
   return Linear(features, axes, n_in=n_in, use_bias=use_bias, dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype, init_std=cfg.init_std, name=name)
+                param_dtype=cfg.param_dtype, init_std=cfg.init_std,
+                lora=cfg if cfg.lora_rank > 0 else None, f32_output=f32_output, name=name)
 
 
 class Attention(nn.Module):
@@ -294,7 +342,7 @@ class Transformer(nn.Module):
 
     block_cls = _block_class(cfg)
     if cfg.scan_layers:
-      stack = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+      stack = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
       x_BTD, new_layer_caches = stack(cfg, name='layers')(x_BTD, layer_caches, positions_BT, mask_B1TS, start)
@@ -308,10 +356,12 @@ class Transformer(nn.Module):
         new_layer_caches = jax.tree.map(lambda *cs: jnp.stack(cs), *new_layer_caches)
 
     x_BTD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name='final_norm')(x_BTD)
+    # Logits accumulate in float32 even with bfloat16 compute: the loss needs them exact.
     if cfg.tie_embeddings:
-      logits_BTV = embed.attend(x_BTD)
+      logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, embed.embedding.astype(cfg.dtype),
+                              preferred_element_type=jnp.float32)
     else:
-      logits_BTV = _dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'lm_head')(x_BTD)
+      logits_BTV = _dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'lm_head', f32_output=True)(x_BTD)
     logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
     new_cache = None

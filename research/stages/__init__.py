@@ -3,14 +3,17 @@
 A stage module defines:
   train_dataset(config, tokenizer) -> grain IterDataset of global numpy batches
   eval_batches(config, tokenizer)  -> list of global numpy batches
-  loss(model, params, batch, rng)  -> (loss, weight, metrics)
+  loss(model, params, batch, rng)  -> (loss, weight, metrics); rng is None in evaluation
+and optionally:
+  evaluate(trainer, params, tokenizer) -> dict of extra eval metrics
+  prompt_ids(tokenizer, text), stop_tokens(tokenizer): the sampling format
 """
 
 import importlib
 
 from research.errors import UserError
 
-STAGES = ('pretrain',)
+STAGES = ('pretrain', 'sft')
 
 
 def get_stage(name: str):

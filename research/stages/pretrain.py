@@ -22,9 +22,8 @@ def eval_batches(config, tokenizer):
 
 
 def loss(model, params, batch, rng):
-  """Mean next-token cross-entropy over non-padding tokens."""
-  del rng
+  """Mean next-token cross-entropy over non-padding tokens (rng: dropout, None in eval)."""
   logits_BTV, _ = model.apply({'params': params}, batch['inputs'], batch['positions'],
-                              batch['segment_ids'])
+                              batch['segment_ids'], rngs={} if rng is None else {'dropout': rng})
   ce, n_tokens = losses.cross_entropy(logits_BTV, batch['targets'], batch['segment_ids'] > 0)
   return ce, n_tokens, {}

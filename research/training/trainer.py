@@ -2,7 +2,7 @@
 
     setup:  mesh + rules -> model, optimizer -> sharded init (eval_shape ->
             shardings -> jit(init, out_shardings)) or restore or init_from
-    loop:   state, metrics = train_step(state, batch)    # jit, donated state
+    loop:   state, metrics = train_step(state, batch, frozen)    # jit, donated state
             every N steps: log (metrics fetched only then), checkpoint, eval
 
 A stage (research/stages/) supplies the data and the loss; see its package
@@ -43,11 +43,21 @@ def log(msg: str) -> None:
 
 
 def build_model(config) -> Transformer:
-  """The Transformer described by config.model, validated."""
+  """The Transformer described by config.model (+ config.lora), validated."""
+  from research import lora  # pylint: disable=import-outside-toplevel
+  fields = dict(config.model)
+  if int(config.lora.rank) > 0:
+    fields.update(lora_rank=int(config.lora.rank), lora_alpha=float(config.lora.alpha),
+                  lora_dropout=float(config.lora.dropout),
+                  lora_targets=lora.resolve_targets(config.lora.targets),
+                  lora_rslora=bool(config.lora.rslora))
   try:
-    cfg = ModelConfig.from_dict(config.model)
+    cfg = ModelConfig.from_dict(fields)
   except (TypeError, ValueError) as e:
     raise UserError(f'config.model: {e}') from None
+  for field in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff'):
+    if getattr(cfg, field) <= 0:
+      raise UserError(f'config.model.{field}={getattr(cfg, field)} must be positive.')
   if cfg.n_heads % cfg.n_kv_heads:
     raise UserError(f'config.model.n_kv_heads={cfg.n_kv_heads} must divide n_heads={cfg.n_heads}.')
   if cfg.dh % 2:
@@ -58,6 +68,8 @@ def build_model(config) -> Transformer:
   for field in ('dtype', 'param_dtype'):
     if getattr(cfg, field) not in ('float32', 'bfloat16', 'float16'):
       raise UserError(f'config.model.{field}={getattr(cfg, field)!r}; choose float32, bfloat16 or float16.')
+  if cfg.lora_rank < 0 or not 0 <= cfg.lora_dropout < 1:
+    raise UserError('config.lora: rank must be >= 0 and dropout in [0, 1).')
   return Transformer(cfg)
 
 
@@ -77,10 +89,28 @@ def validate_run(config, mesh, rules) -> None:
   if config.batch_size % jax.process_count():
     raise UserError(f'config.batch_size={config.batch_size} does not divide over '
                     f'{jax.process_count()} processes.')
+  if shards % jax.process_count():
+    raise UserError(f'config.mesh: the batch is split {shards} ways (data x fsdp) over '
+                    f'{jax.process_count()} processes; each process must feed its own rows, so make '
+                    'data x fsdp a multiple of the process count (keep tensor parallelism within a host).')
+  s = config.sample
+  if s.temperature < 0 or not 0 < s.top_p <= 1 or not 0 <= s.top_k <= config.model.vocab_size:
+    raise UserError(f'config.sample: need temperature >= 0, 0 < top_p <= 1 and 0 <= top_k <= vocab '
+                    f'(got {s.temperature}, {s.top_p}, {s.top_k}).')
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 class Trainer:
-  """Holds the compiled steps, the sharded state and the run's side effects."""
+  """Holds the compiled steps, the sharded state and the run's side effects.
+
+  Parameters come in two trees: `state.params`, the trainable ones (all of
+  them, or only the LoRA adapters), and `frozen`, the rest (the LoRA base; an
+  empty dict otherwise). Only the trainable tree has optimizer state and goes
+  into checkpoints; the frozen base is rebuilt from init_from (or the seed).
+  """
 
   def __init__(self, config, workdir: str, stage, devices=None):
     self.config, self.workdir, self.stage = config, workdir, stage
@@ -88,6 +118,7 @@ class Trainer:
     self.rules = sharding.rules_from_config(config.sharding_rules)
     validate_run(config, self.mesh, self.rules)
     self.model = build_model(config)
+    self.use_lora = self.model.cfg.lora_rank > 0
     self.tx, self.schedule = make_optimizer(config.optimizer, config.steps)
     self._setup_shardings()
 
@@ -101,13 +132,23 @@ class Trainer:
     dummy = jnp.zeros((1, min(8, self.config.seq_len)), jnp.int32)
     return self.model.init(rng, dummy)['params']
 
+  def _split(self, tree):
+    """(trainable, frozen) parts of a full parameter-shaped tree."""
+    from research import lora  # pylint: disable=import-outside-toplevel
+    return lora.split(tree) if self.use_lora else (tree, {})
+
   def _setup_shardings(self):
     with self._context():
       boxed = jax.eval_shape(self._init_params_boxed, jax.random.PRNGKey(0))
     logical = nn.get_partition_spec(boxed)
-    self.param_shardings = sharding.logical_to_shardings(logical, self.mesh, self.rules)
-    self.abstract_params = nn.meta.unbox(boxed)
-    sharding.check_divisible(self.abstract_params, self.param_shardings)
+    full_shardings = sharding.logical_to_shardings(logical, self.mesh, self.rules)
+    full_abstract = nn.meta.unbox(boxed)
+    sharding.check_divisible(full_abstract, full_shardings)
+    if self.use_lora and not self._split(full_abstract)[0]:
+      raise UserError(f'config.lora.targets={self.config.lora.targets!r} matches no parameter; '
+                      "use 'attention', 'all_linear' or a regex over paths like 'layers_0/attn/q/kernel'.")
+    self.param_shardings, self.frozen_shardings = self._split(full_shardings)
+    self.abstract_params, self.abstract_frozen = self._split(full_abstract)
     abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
     repl = sharding.replicated(self.mesh)
     opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
@@ -117,28 +158,29 @@ class Trainer:
                                       opt_state=opt_shardings, rng=repl)
     abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=self.abstract_params,
                                 opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-    self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-        self.state_shardings)
+    self.abstract_state = _with_shardings(abstract_state, self.state_shardings)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     self.rows = pipeline.process_rows(self.config.batch_size, jax.process_index(), jax.process_count())
 
   # ---- state ------------------------------------------------------------------
 
-  def init_state(self) -> TrainState:
-    """Fresh state, created already sharded (no full copy on any host)."""
+  def init_state(self) -> tuple[TrainState, Any]:
+    """(fresh state, frozen params), created already sharded (no full copy on any host)."""
     seed = self.config.seed
 
     def init(rng):
-      params = nn.meta.unbox(self._init_params_boxed(rng))
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                        rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+      trainable, frozen = self._split(nn.meta.unbox(self._init_params_boxed(rng)))
+      state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                         opt_state=self.tx.init(trainable),
+                         rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+      return state, frozen
 
     with self._context():
-      return jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(seed))
+      return jax.jit(init, out_shardings=(self.state_shardings, self.frozen_shardings))(
+          jax.random.PRNGKey(seed))
 
   def load_init_from(self):
-    """Parameters of init_from (a run's workdir, or hf:<dir>), placed sharded."""
+    """Base parameters of init_from (a run's workdir, or hf:<dir>), placed sharded."""
     src = self.config.init_from
     if src.startswith(HF_PREFIX):
       from research.interop import hf  # pylint: disable=import-outside-toplevel
@@ -147,9 +189,9 @@ class Trainer:
           mesh=self.mesh, rules=self.rules, remat=self.model.cfg.remat,
           scan_layers=self.model.cfg.scan_layers)
       return params
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            self.abstract_params, self.param_shardings)
-    return ckpt_lib.restore_params(src, abstract)[0]
+    base_abstract = self.abstract_frozen if self.use_lora else self.abstract_params
+    base_shardings = self.frozen_shardings if self.use_lora else self.param_shardings
+    return ckpt_lib.restore_params(src, _with_shardings(base_abstract, base_shardings))[0]
 
   def with_params(self, state: TrainState, params) -> TrainState:
     """`state` with new parameters and a fresh optimizer state for them."""
@@ -157,30 +199,56 @@ class Trainer:
       opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
     return state.replace(params=params, opt_state=opt_state)
 
+  def setup_state(self, ckpt) -> tuple[TrainState, Any, dict | None]:
+    """(state, frozen, data iterator state or None): resumed from the latest
+    checkpoint, else fresh, warm-started from init_from when set."""
+    latest = ckpt.latest_step() if ckpt is not None else None
+    if latest is not None:
+      state, data_state = ckpt.restore(latest, self.abstract_state)
+      frozen = {}
+      if self.use_lora:  # the base is not in the checkpoint: rebuild it exactly
+        frozen = self.load_init_from() if self.config.init_from else self.init_state()[1]
+      return state, frozen, data_state
+    state, frozen = self.init_state()
+    if self.config.init_from:
+      base = self.load_init_from()
+      if self.use_lora:
+        frozen = base
+      else:
+        state = self.with_params(state, base)
+    return state, frozen, None
+
+  def full_params(self, params, frozen):
+    """The model's parameter tree from trainable and frozen parts."""
+    from research import lora  # pylint: disable=import-outside-toplevel
+    return lora.combine(frozen, params)
+
   # ---- compiled steps -------------------------------------------------------
 
-  def _loss_and_grads(self, params, batch, rng):
+  def _loss_and_grads(self, params, frozen, batch, rng):
     def f(p):
-      loss, weight, metrics = self.stage.loss(self.model, p, batch, rng)
+      loss, weight, metrics = self.stage.loss(self.model, self.full_params(p, frozen), batch, rng)
       return loss * weight, (loss, weight, metrics)
     (_, (loss, weight, metrics)), grads_sum = jax.value_and_grad(f, has_aux=True)(params)
     return loss, weight, metrics, grads_sum
 
-  def _train_step(self, state: TrainState, batch):
+  def _train_step(self, state: TrainState, batch, frozen):
     rng, step_rng = jax.random.split(state.rng)
     accum = int(self.config.optimizer.grad_accum_steps)
     if accum == 1:
-      loss, weight, metrics, grads_sum = self._loss_and_grads(state.params, batch, step_rng)
+      loss, weight, metrics, grads_sum = self._loss_and_grads(state.params, frozen, batch, step_rng)
       loss_sum = loss * weight
     else:
-      micro = jax.tree.map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
+      # Microbatch a takes rows a, a + accum, ...: each device splits its own rows, no reshuffle.
+      micro = jax.tree.map(lambda x: x.reshape((-1, accum) + x.shape[1:]).swapaxes(0, 1), batch)
       micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
           x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, *self.batch_sharding.spec))), micro)
 
       def body(carry, xs):
         g_acc, l_acc, w_acc = carry
         mb, i = xs
-        loss, weight, metrics, g = self._loss_and_grads(state.params, mb, jax.random.fold_in(step_rng, i))
+        loss, weight, metrics, g = self._loss_and_grads(state.params, frozen, mb,
+                                                        jax.random.fold_in(step_rng, i))
         g_acc = jax.tree.map(jnp.add, g_acc, g)
         return (g_acc, l_acc + loss * weight, w_acc + weight), metrics
 
@@ -197,8 +265,8 @@ class Trainer:
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, out
 
-  def _eval_step(self, params, batch):
-    loss, weight, metrics = self.stage.loss(self.model, params, batch, jax.random.PRNGKey(0))
+  def _eval_step(self, params, frozen, batch):
+    loss, weight, metrics = self.stage.loss(self.model, self.full_params(params, frozen), batch, None)
     out = {'loss_sum': loss * weight, 'weight': weight}
     out.update({k: v * weight for k, v in metrics.items()})
     return out
@@ -206,13 +274,15 @@ class Trainer:
   @functools.cached_property
   def train_step(self):
     # Every batch leaf is [batch, length]: one sharding serves as a pytree prefix.
-    return jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+    return jax.jit(self._train_step,
+                   in_shardings=(self.state_shardings, self.batch_sharding, self.frozen_shardings),
                    out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                    donate_argnums=(0,))
 
   @functools.cached_property
   def eval_step(self):
-    return jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.batch_sharding),
+    return jax.jit(self._eval_step,
+                   in_shardings=(self.param_shardings, self.frozen_shardings, self.batch_sharding),
                    out_shardings=sharding.replicated(self.mesh))
 
   # ---- data ---------------------------------------------------------------------
@@ -225,33 +295,41 @@ class Trainer:
 
   # ---- evaluation ---------------------------------------------------------------
 
-  def evaluate(self, params, batches) -> dict[str, float]:
-    """Weighted means over the fixed eval batches: eval/loss, eval/perplexity, ..."""
+  def evaluate(self, params, frozen, batches, tokenizer: Tokenizer) -> dict[str, float]:
+    """Weighted means over the fixed eval batches (eval/loss, eval/perplexity, ...),
+    plus the stage's own task metrics when it defines `evaluate`."""
     totals = None
     with self._context():
       for b in batches:
-        out = self.eval_step(params, self.to_global(b))
+        out = self.eval_step(params, frozen, self.to_global(b))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     w = max(float(totals.pop('weight')), 1.0)
     result = {'eval/loss': float(totals.pop('loss_sum')) / w}
     result['eval/perplexity'] = math.exp(min(result['eval/loss'], 50.0))
     result.update({f'eval/{k}': float(v) / w for k, v in totals.items()})
+    if hasattr(self.stage, 'evaluate'):
+      with self._context():
+        extra = self.stage.evaluate(self, self.full_params(params, frozen), tokenizer)
+      result.update({f'eval/{k}': float(v) for k, v in extra.items()})
     return result
 
   def samples(self, params, tokenizer: Tokenizer) -> list[str]:
-    """Greedy and temperature continuations of config.sample.prompts."""
+    """Greedy and temperature continuations of config.sample.prompts (through
+    the stage's prompt format, e.g. the chat template, when it has one)."""
     s = self.config.sample
-    prompts = [tokenizer.encode(p, add_bos=True) for p in s.prompts]
+    encode = getattr(self.stage, 'prompt_ids', lambda tok, text: tok.encode(text, add_bos=True))
+    stops = getattr(self.stage, 'stop_tokens', lambda tok: (tok.eos_id,))(tokenizer)
+    prompts = [encode(tokenizer, p) for p in s.prompts]
     lines = []
     with self._context():
-      for temp in (0.0, s.temperature):
+      for temp in sorted({0.0, float(s.temperature)}):
         outs = sampling.generate(self.model, params, prompts, max_new_tokens=s.max_new_tokens,
                                  rng=jax.random.PRNGKey(self.config.seed), temperature=temp,
-                                 top_k=s.top_k, top_p=s.top_p, stop_tokens=(tokenizer.eos_id,),
+                                 top_k=s.top_k, top_p=s.top_p, stop_tokens=stops,
                                  pad_id=tokenizer.pad_id)
         for p, o in zip(s.prompts, outs):
-          lines.append(f'[T={temp:g}] {p + tokenizer.decode(o)!r}')
+          lines.append(f'[T={temp:g}] {p!r} -> {tokenizer.decode(o)!r}')
     return lines
 
 
@@ -276,6 +354,13 @@ class _Context:
 def _fmt_time(seconds: float) -> str:
   seconds = int(seconds)
   return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def _eval_summary(ev: dict) -> str:
+  parts = [f'eval loss {ev["eval/loss"]:.4f}', f'ppl {ev["eval/perplexity"]:.1f}']
+  parts += [f'{k[5:]} {v:.3f}' for k, v in ev.items()
+            if k.startswith('eval/') and k not in ('eval/loss', 'eval/perplexity')]
+  return ' | '.join(parts)
 
 
 def write_config(config, workdir: str) -> None:
@@ -357,31 +442,30 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
 
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   writer = MetricWriter(workdir)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, trainer.abstract_state)
-    data_iter.set_state(data_state)
-    writer.truncate_after(latest)
-    log(f'resumed from {ckpt_lib.checkpoint_dir(workdir)}/{latest}')
-  else:
-    state = trainer.init_state()
-    if config.init_from:
-      state = trainer.with_params(state, trainer.load_init_from())
-      log(f'initialised parameters from {config.init_from}')
-
+  state, frozen, data_state = trainer.setup_state(ckpt)
   start = int(jax.device_get(state.step))
+  if data_state is not None:
+    data_iter.set_state(data_state)
+    writer.truncate_after(start)
+    log(f'resumed from {ckpt_lib.checkpoint_dir(workdir)}/{start}')
+  elif config.init_from:
+    log(f'initialised parameters from {config.init_from}')
+  n_train, n_all = count_params(state.params), count_params(state.params) + count_params(frozen)
+  log(f'trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.2f}%)')
+
   last: dict[str, Any] = {}
   if start == 0:
-    last = trainer.evaluate(state.params, eval_data)
+    last = trainer.evaluate(state.params, frozen, eval_data, tokenizer)
+    last['train/trainable_params'] = n_train
     writer.write(0, last)
-    log(f'step 0 | eval loss {last["eval/loss"]:.4f} | ppl {last["eval/perplexity"]:.1f}')
+    log(f'step 0 | {_eval_summary(last)}')
 
   tokens_per_step = config.batch_size * config.seq_len
   t_interval, steps_interval, t_start = time.time(), 0, time.time()
   with trainer._context():  # pylint: disable=protected-access
     for step in range(start + 1, config.steps + 1):
       batch = trainer.to_global(next(data_iter))
-      state, metrics = trainer.train_step(state, batch)
+      state, metrics = trainer.train_step(state, batch, frozen)
       steps_interval += 1
       if step % config.log_every == 0 or step == config.steps:
         metrics = jax.device_get(metrics)  # the only per-interval host sync
@@ -398,12 +482,12 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
       if step % config.checkpoint_every == 0 or step == config.steps:
         ckpt.save(state, data_iter.get_state())
       if step % config.eval_every == 0 or step == config.steps:
-        ev = trainer.evaluate(state.params, eval_data)
+        ev = trainer.evaluate(state.params, frozen, eval_data, tokenizer)
         writer.write(step, ev)
         last.update(ev)
-        log(f'step {step} | eval loss {ev["eval/loss"]:.4f} | ppl {ev["eval/perplexity"]:.1f}')
+        log(f'step {step} | {_eval_summary(ev)}')
         if config.sample.prompts:  # every process runs the sharded sampler; process 0 prints
-          for line in trainer.samples(state.params, tokenizer):
+          for line in trainer.samples(trainer.full_params(state.params, frozen), tokenizer):
             log('  sample ' + line)
         t_interval = time.time()  # evaluation time is not training throughput
   ckpt.close()
@@ -419,7 +503,8 @@ def dry_run(trainer: Trainer) -> dict[str, Any]:
   batch = {k: abstract_batch for k in ('inputs', 'targets', 'segment_ids', 'positions')}
   t0 = time.time()
   with trainer._context():  # pylint: disable=protected-access
-    compiled = trainer.train_step.lower(trainer.abstract_state, batch).compile()
+    frozen = _with_shardings(trainer.abstract_frozen, trainer.frozen_shardings)
+    compiled = trainer.train_step.lower(trainer.abstract_state, batch, frozen).compile()
   compile_s = time.time() - t0
 
   def per_device_bytes(tree):

@@ -1,0 +1,57 @@
+"""Supervised fine-tuning / instruction tuning, optionally with LoRA.
+
+The CPU demo (after `configs/pretrain.py:size=tiny` wrote runs/pretrain):
+
+    python -m research.main --config=configs/sft.py:size=tiny --workdir=runs/sft \
+        --config.init_from=runs/pretrain
+
+LoRA instead of full fine-tuning: --config.lora.rank=8 (targets: attention |
+all_linear | a regex). From a HF checkpoint: --config.init_from=hf:/path/to/llama.
+Presets: size=tiny|7b|8b, mode=full|lora.
+
+Data: data.name is one dataset or several joined by '+', mixed by
+data.mix_weights: 'sft_tasks' (generated tasks with exact answers), 'sft_code'
+(stdlib signature+docstring -> source), 'files' (data.files: JSONL rows with
+messages, prompt/response or instruction/input/output) or a prepared TFDS name.
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config(arg=None):
+  """Returns the SFT config for `arg` ('size=tiny,mode=full' by default)."""
+  args = base.parse_arg(arg, size='tiny', mode='full')
+  c = base.base_config('sft', args['size'])
+  c.data.name = 'sft_tasks+sft_code'
+  c.data.text_key = ''  # JSONL rows are kept whole and parsed as examples
+  c.data.mix_weights = (0.9, 0.1)
+  c.sft = ml_collections.ConfigDict(dict(
+      loss_mask='assistant',  # assistant | completion | all
+      packing=True,           # several examples per row (segment ids), else one padded
+      exact_match=True,       # greedy exact match on the held-out sft_tasks
+      exact_match_examples=0,  # 0 = all held-out tasks (300)
+      max_new_tokens=24,
+  ))
+  c.sample.prompts = ('What is 12 + 30?', 'Reverse the letters: c o d e', 'Sort ascending: 9 4 7')
+  c.sample.temperature = 0.0
+  if args['size'] == 'tiny':
+    c.steps = 700
+    c.eval_every = 350
+    c.optimizer.lr = 2e-3
+    c.optimizer.warmup_steps = 30
+    c.optimizer.weight_decay = 0.0
+  else:
+    c.steps = 2000
+    c.optimizer.lr = 2e-5
+    c.optimizer.warmup_steps = 100
+    c.seq_len = 2048
+    c.batch_size = 128
+  if args['mode'] == 'lora':
+    c.lora.rank = 16 if args['size'] != 'tiny' else 8
+    c.lora.alpha = 32.0 if args['size'] != 'tiny' else 16.0
+    c.optimizer.lr = 2e-4 if args['size'] != 'tiny' else 3e-3
+  elif args['mode'] != 'full':
+    raise ValueError(f"mode={args['mode']!r}; choose full or lora")
+  return c

@@ -1,0 +1,111 @@
+"""The chat template, shared by training and sampling, and its loss masks.
+
+A conversation is a list of {"role": "system"|"user"|"assistant", "content": str}.
+It is rendered at the token level, so no text can forge a marker:
+
+    <bos> <|system|> ...system text... <|end|>
+          <|user|> ...user text... <|end|>
+          <|assistant|> ...reply... <|end|>
+          <|user|> ... <|end|> <|assistant|> ...reply... <|end|>
+
+Each marker is one reserved token of the project's tokenizer. A prompt for
+generation ends with `<|assistant|>`; the model writes the reply and `<|end|>`,
+which is the stop token.
+
+Loss masks (over the target of each position):
+  'assistant'  every assistant reply and its <|end|> (the default)
+  'completion' only the last assistant reply and its <|end|>
+  'all'        every token
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from research.data.tokenizer import Tokenizer
+
+ROLES = ('system', 'user', 'assistant')
+MASK_MODES = ('assistant', 'completion', 'all')
+
+
+def to_messages(example: Any) -> list[dict] | None:
+  """Normalises a data row to a message list, or None if malformed.
+
+  Accepts {"messages": [...]}, {"prompt", "response"} and Alpaca's
+  {"instruction", "input", "output"}, as a dict or a JSON string/bytes.
+  """
+  try:
+    if isinstance(example, (bytes, str)):
+      example = json.loads(example)
+    if not isinstance(example, dict):
+      return None
+    if 'messages' in example:
+      messages = example['messages']
+      if isinstance(messages, (bytes, str)):
+        messages = json.loads(messages)
+    elif 'prompt' in example and 'response' in example:
+      messages = [{'role': 'user', 'content': example['prompt']},
+                  {'role': 'assistant', 'content': example['response']}]
+    elif 'instruction' in example and 'output' in example:
+      prompt = example['instruction'] + (f"\n\n{example['input']}" if example.get('input') else '')
+      messages = [{'role': 'user', 'content': prompt},
+                  {'role': 'assistant', 'content': example['output']}]
+    else:
+      return None
+    out = []
+    for m in messages:
+      role, content = m['role'], m['content']
+      role = role.decode() if isinstance(role, bytes) else role
+      content = content.decode() if isinstance(content, bytes) else content
+      if role not in ROLES or not isinstance(content, str):
+        return None
+      out.append({'role': role, 'content': content})
+  except (ValueError, KeyError, TypeError, AttributeError):
+    return None
+  if not out or out[-1]['role'] != 'assistant':
+    return None
+  return out
+
+
+def render(messages: list[dict], tokenizer: Tokenizer, *, mask: str = 'assistant',
+           add_generation_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids [N] and a 0/1 loss weight per token [N] (1 = predict this token).
+
+  With add_generation_prompt, the ids end with <|assistant|> (for sampling).
+  """
+  if mask not in MASK_MODES:
+    raise ValueError(f'mask={mask!r}; choose one of {MASK_MODES}')
+  end = tokenizer.special_id('<|end|>')
+  last_assistant = max((i for i, m in enumerate(messages) if m['role'] == 'assistant'), default=-1)
+  ids, weights = [tokenizer.bos_id], [0]
+  for i, m in enumerate(messages):
+    content = tokenizer.encode(m['content'])
+    ids.append(tokenizer.special_id(f'<|{m["role"]}|>'))
+    weights.append(0)
+    trained = (mask == 'all' or (m['role'] == 'assistant' and
+                                 (mask == 'assistant' or i == last_assistant)))
+    ids.extend(content + [end])
+    weights.extend([int(trained)] * (len(content) + 1))
+  if add_generation_prompt:
+    ids.append(tokenizer.special_id('<|assistant|>'))
+    weights.append(0)
+  if mask == 'all':
+    weights = [1] * len(ids)
+    weights[0] = 0  # nothing predicts bos
+  return np.asarray(ids, np.int32), np.asarray(weights, np.int32)
+
+
+def prompt_ids(messages: list[dict], tokenizer: Tokenizer) -> list[int]:
+  """Ids of a conversation up to (excluding) its last assistant reply, ending
+  with <|assistant|>: what the model sees when asked to write that reply."""
+  history = messages[:-1] if messages and messages[-1]['role'] == 'assistant' else messages
+  ids, _ = render(history, tokenizer, add_generation_prompt=True)
+  return ids.tolist()
+
+
+def stop_tokens(tokenizer: Tokenizer) -> tuple[int, ...]:
+  """Tokens that end a generated reply."""
+  return (tokenizer.special_id('<|end|>'), tokenizer.eos_id)
