@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: install run test clean
+.PHONY: install run test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,3 +24,7 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(RUNS)
+
+# Train-step benchmark against PyTorch (eager and compiled), input pipeline and loop overhead.
+bench: $(STAMP)
+	$(PY) -m experiments.benchmarks.train_step

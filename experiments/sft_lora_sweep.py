@@ -26,8 +26,10 @@ def main() -> None:
   parser.add_argument('--pretrain', default='', help='pretraining workdir (default: RUNS/pretrain)')
   parser.add_argument('--out', default='experiments/results/sft_lora.md')
   args = parser.parse_args()
-  pre = args.pretrain or os.path.join(args.runs, 'pretrain')
-  run_stage('configs/pretrain.py:size=tiny', pre)  # resumes or skips when already done
+  pre = args.pretrain
+  if not pre:  # the pipeline's pretraining run (resumed or skipped when already done)
+    pre = os.path.join(args.runs, 'pretrain')
+    run_stage('configs/pretrain.py:size=tiny', pre)
 
   rows = []
   for name, mode, extra in VARIANTS:

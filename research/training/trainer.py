@@ -482,6 +482,7 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
       if step % config.checkpoint_every == 0 or step == config.steps:
         ckpt.save(state, data_iter.get_state())
       if step % config.eval_every == 0 or step == config.steps:
+        eval_start = time.time()
         ev = trainer.evaluate(state.params, frozen, eval_data, tokenizer)
         writer.write(step, ev)
         last.update(ev)
@@ -489,7 +490,7 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
         if config.sample.prompts:  # every process runs the sharded sampler; process 0 prints
           for line in trainer.samples(trainer.full_params(state.params, frozen), tokenizer):
             log('  sample ' + line)
-        t_interval = time.time()  # evaluation time is not training throughput
+        t_interval += time.time() - eval_start  # evaluation time is not training throughput
   ckpt.close()
   writer.close()
   log(f'done: {config.steps - start} steps in {_fmt_time(time.time() - t_start)}')

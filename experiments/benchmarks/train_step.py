@@ -1,0 +1,240 @@
+"""Train-step benchmark: this project against the same model in PyTorch, side by side.
+
+    python -m experiments.benchmarks.train_step            # `make bench`
+    python -m experiments.benchmarks.train_step --gpu      # accelerator: 1b preset, bf16, seq 2048
+
+Each part runs in its own process (clean peak memory) on the same token
+batches, and the driver prints one table and a summary. Parts:
+
+  peak        a large matmul (float32 on CPU, bfloat16 on GPU): the measured peak FLOP/s
+  jax         the project's jitted train step (research.training.trainer.Trainer)
+  torch_eager / torch_compile   the same architecture in PyTorch (benchmark only)
+  pipeline    the grain input pipeline alone (tokens/s it delivers)
+  loop        the real training loop (`train()`: data, host transfer, logging) on the
+              tiny preset, against the bare jitted step of that preset
+
+FLOP convention: 6 N + 12 L H Dh T per token (PaLM appendix B; N = matmul
+parameters, attention counted in full, not causally halved). MFU = model
+FLOP/s over the peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# The CPU comparison model (issue: d_model 256, 4 layers, 4 heads, vocab 8000, seq 256, batch 16).
+REFERENCE = dict(vocab_size=8000, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=768,
+                 tie_embeddings=False)
+REF_BATCH, REF_SEQ = 16, 256
+
+
+def _rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _tokens(batch, seq, vocab, seed=0):
+  rng = np.random.RandomState(seed)
+  return rng.randint(0, vocab, (batch, seq + 1)).astype(np.int32)
+
+
+def _config(model_fields, batch, seq, dtype='float32'):
+  from configs import pretrain  # pylint: disable=import-outside-toplevel
+  c = pretrain.get_config('size=tiny')
+  c.model.update(model_fields)
+  c.model.dtype = dtype
+  c.batch_size, c.seq_len = batch, seq
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  c.optimizer.warmup_steps = 1
+  return c
+
+
+def part_peak(gpu: bool) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  n, dtype = (8192, jnp.bfloat16) if gpu else (2048, jnp.float32)
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  reps = 20 if gpu else 5
+  t0 = time.perf_counter()
+  for _ in range(reps):
+    out = f(a, a)
+  out.block_until_ready()
+  sec = (time.perf_counter() - t0) / reps
+  return {'peak_flops': 2 * n ** 3 / sec, 'dtype': jnp.dtype(dtype).name}
+
+
+def _jax_step_time(model_fields, batch, seq, steps, dtype='float32', attention=None):
+  import jax  # pylint: disable=import-outside-toplevel
+  from research.models.llama import flops_per_token  # pylint: disable=import-outside-toplevel
+  from research.stages import pretrain as stage  # pylint: disable=import-outside-toplevel
+  from research.training.trainer import Trainer  # pylint: disable=import-outside-toplevel
+  c = _config(model_fields, batch, seq, dtype)
+  t = Trainer(c, tempfile.mkdtemp(), stage, devices=jax.devices()[:1])
+  state, frozen = t.init_state()
+  toks = _tokens(batch, seq, model_fields['vocab_size'])
+  host = {'inputs': toks[:, :-1], 'targets': toks[:, 1:],
+          'segment_ids': np.ones((batch, seq), np.int32),
+          'positions': np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+  with t._context():  # pylint: disable=protected-access
+    b = t.to_global(host)
+    t0 = time.perf_counter()
+    compiled = t.train_step.lower(state, b, frozen).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(2):
+      state, m = compiled(state, b, frozen)
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = compiled(state, b, frozen)
+    jax.block_until_ready((state, m))
+    sec = (time.perf_counter() - t0) / steps
+  mem = None
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    mem = stats['peak_bytes_in_use'] / 2 ** 20
+  return {'compile_s': compile_s, 'step_s': sec, 'tokens_per_s': batch * seq / sec,
+          'model_flops_per_s': flops_per_token(t.model.cfg, seq) * batch * seq / sec,
+          'peak_mem_mb': mem if mem is not None else _rss_mb(),
+          'mem_kind': 'device' if mem is not None else 'rss'}
+
+
+def part_jax(gpu: bool, steps: int) -> dict:
+  if gpu:
+    from configs.base import MODEL_PRESETS  # pylint: disable=import-outside-toplevel
+    fields = dict(MODEL_PRESETS['1b'], scan_layers=True, remat='none')
+    return _jax_step_time(fields, 8, 2048, steps, dtype='bfloat16')
+  return _jax_step_time(REFERENCE, REF_BATCH, REF_SEQ, steps)
+
+
+def part_torch(compiled: bool, steps: int) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
+  from experiments.benchmarks.torch_reference import Decoder, make_train_step  # pylint: disable=import-outside-toplevel
+  from research.models.llama import ModelConfig, flops_per_token  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  r = REFERENCE
+  model = Decoder(r['vocab_size'], r['d_model'], r['n_layers'], r['n_heads'], r['n_kv_heads'], r['d_ff'])
+  step, loss_fn = make_train_step(model)
+  toks = torch.from_numpy(_tokens(REF_BATCH, REF_SEQ, r['vocab_size']).astype(np.int64))
+  inputs, targets = toks[:, :-1], toks[:, 1:]
+  compiled_loss = None
+  t0 = time.perf_counter()
+  if compiled:
+    compiled_loss = torch.compile(loss_fn)
+  for _ in range(2):
+    step(inputs, targets, compiled_loss)
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    step(inputs, targets, compiled_loss)
+  sec = (time.perf_counter() - t0) / steps
+  fpt = flops_per_token(ModelConfig(**r), REF_SEQ)
+  return {'compile_s': compile_s, 'step_s': sec, 'tokens_per_s': REF_BATCH * REF_SEQ / sec,
+          'model_flops_per_s': fpt * REF_BATCH * REF_SEQ / sec, 'peak_mem_mb': _rss_mb(),
+          'mem_kind': 'rss'}
+
+
+def part_pipeline(batches: int) -> dict:
+  from configs import pretrain  # pylint: disable=import-outside-toplevel
+  from research.data import pipeline  # pylint: disable=import-outside-toplevel
+  c = pretrain.get_config('size=tiny')
+  tok = pipeline.get_tokenizer(c.data, c.model.vocab_size)
+  ds = pipeline.packed_dataset(pipeline.open_source(c.data, 'train'), tok, seq_len=c.seq_len,
+                               batch_size=c.batch_size, seed=0)
+  it = iter(ds)
+  next(it)  # fills the shuffle window
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  sec = time.perf_counter() - t0
+  return {'tokens_per_s': batches * c.batch_size * c.seq_len / sec}
+
+
+def part_loop(steps: int) -> dict:
+  """Tiny preset: the bare jitted step against the full `train()` loop."""
+  from configs import pretrain  # pylint: disable=import-outside-toplevel
+  from configs.base import MODEL_PRESETS  # pylint: disable=import-outside-toplevel
+  from research.training.metrics import read_metrics  # pylint: disable=import-outside-toplevel
+  from research.training.trainer import train  # pylint: disable=import-outside-toplevel
+  c0 = pretrain.get_config('size=tiny')
+  bare = _jax_step_time(MODEL_PRESETS['tiny'], c0.batch_size, c0.seq_len, steps)
+  c = pretrain.get_config('size=tiny')
+  log_every = 10
+  c.update(steps=steps + 2 * log_every, log_every=log_every, eval_every=10 ** 6,
+           checkpoint_every=10 ** 6, eval_batches=1)
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  c.sample.prompts = ()
+  workdir = tempfile.mkdtemp()
+  import jax  # pylint: disable=import-outside-toplevel
+  train(c, workdir, devices=jax.devices()[:1])
+  rows = [r for r in read_metrics(workdir) if 'train/tokens_per_sec' in r]
+  # Skip the first interval (compilation); the last one includes the final checkpoint.
+  loop_tps = float(np.mean([r['train/tokens_per_sec'] for r in rows[1:-1]]))
+  return {'bare_tokens_per_s': bare['tokens_per_s'], 'loop_tokens_per_s': loop_tps}
+
+
+def _run_part(name: str, *args: str) -> dict:
+  cmd = [sys.executable, '-m', 'experiments.benchmarks.train_step', f'--part={name}', *args]
+  out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+  if out.returncode:
+    raise SystemExit(f'part {name} failed:\n{out.stderr[-3000:]}')
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--part', default='')
+  parser.add_argument('--gpu', action='store_true')
+  parser.add_argument('--steps', type=int, default=8)
+  args = parser.parse_args()
+  if args.part:
+    fn = {'peak': lambda: part_peak(args.gpu), 'jax': lambda: part_jax(args.gpu, args.steps),
+          'torch_eager': lambda: part_torch(False, args.steps),
+          'torch_compile': lambda: part_torch(True, args.steps),
+          'pipeline': lambda: part_pipeline(200), 'loop': lambda: part_loop(40)}[args.part]
+    print(json.dumps(fn()))
+    return
+
+  flag = ['--gpu'] if args.gpu else []
+  steps = [f'--steps={args.steps}']
+  peak = _run_part('peak', *flag)
+  rows = {'jax (this project)': _run_part('jax', *flag, *steps)}
+  if not args.gpu:
+    rows['pytorch eager'] = _run_part('torch_eager', *steps)
+    rows['pytorch compile'] = _run_part('torch_compile', *steps)
+  what = '1b preset, bf16, batch 8 x 2048' if args.gpu else (
+      f'd256 L4 H4 V8000, batch {REF_BATCH} x {REF_SEQ}, float32, AdamW')
+  print(f'\ntrain step: {what}; peak {peak["dtype"]} matmul {peak["peak_flops"] / 1e9:.1f} GFLOP/s')
+  print('| implementation | compile (s) | step (ms) | tokens/s | MFU | peak mem (MB) | vs pytorch eager |')
+  print('| --- | --- | --- | --- | --- | --- | --- |')
+  eager = rows.get('pytorch eager', {}).get('tokens_per_s')
+  for name, r in rows.items():
+    ratio = f'{r["tokens_per_s"] / eager:.2f}' if eager else '-'
+    print(f'| {name} | {r["compile_s"]:.1f} | {1000 * r["step_s"]:.0f} | {r["tokens_per_s"]:,.0f} | '
+          f'{100 * r["model_flops_per_s"] / peak["peak_flops"]:.1f}% | {r["peak_mem_mb"]:.0f} '
+          f'({r["mem_kind"]}) | {ratio} |')
+  if args.gpu:
+    return
+  pipe = _run_part('pipeline')
+  loop = _run_part('loop')
+  print(f'\ninput pipeline: {pipe["tokens_per_s"]:,.0f} tokens/s = '
+        f'{pipe["tokens_per_s"] / loop["bare_tokens_per_s"]:.1f}x what the tiny train step consumes '
+        f'({loop["bare_tokens_per_s"]:,.0f} tokens/s)')
+  overhead = loop['bare_tokens_per_s'] / loop['loop_tokens_per_s'] - 1
+  print(f'training loop (tiny): bare jitted step {loop["bare_tokens_per_s"]:,.0f} tokens/s, '
+        f'train() loop {loop["loop_tokens_per_s"]:,.0f} tokens/s: loop overhead {100 * overhead:+.1f}%')
+  print(f'ratio vs pytorch compile: {rows["jax (this project)"]["tokens_per_s"] / rows["pytorch compile"]["tokens_per_s"]:.2f}')
+  print(f'ratio vs pytorch eager: {rows["jax (this project)"]["tokens_per_s"] / eager:.2f}')
+
+
+if __name__ == '__main__':
+  main()
