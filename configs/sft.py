@@ -37,8 +37,8 @@ def get_config(arg=None):
   c.sample.prompts = ('What is 12 + 30?', 'Reverse the letters: c o d e', 'Sort ascending: 9 4 7')
   c.sample.temperature = 0.0
   if args['size'] == 'tiny':
-    c.steps = 700
-    c.eval_every = 350
+    c.steps = 600
+    c.eval_every = 300
     c.optimizer.lr = 2e-3
     c.optimizer.warmup_steps = 30
     c.optimizer.weight_decay = 0.0
