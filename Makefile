@@ -1,30 +1,36 @@
-# Set-up is automatic: `make run` and `make test` create .venv on first use.
+# Set-up is automatic: `make run`, `make test` and `make bench` create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+CORE := $(VENV)/.core-stamp
+TEST := $(VENV)/.test-stamp
 RUNS ?= runs
 
 .PHONY: install run test bench clean
 
-$(STAMP): pyproject.toml
+$(CORE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $(CORE)
+
+# Test and benchmark oracles (torch CPU, transformers) on top of the core install.
+$(TEST): $(CORE)
 	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	touch $(TEST)
 
-install: $(STAMP)
+install: $(TEST)
 
-# The stage pipeline on the embedded data (pretrain for now); re-running resumes.
-run: $(STAMP)
+# The stage pipeline on the embedded data: pretrain -> SFT; re-running resumes.
+run: $(CORE)
 	$(PY) -m experiments.pipeline --runs=$(RUNS)
 
-test: $(STAMP)
+test: $(TEST)
 	$(PY) -m pytest -q -n 2 --durations=10 tests
+
+# Train-step benchmark against PyTorch (eager and compiled), input pipeline and loop overhead.
+bench: $(TEST)
+	$(PY) -m experiments.benchmarks.train_step
 
 clean:
 	rm -rf $(RUNS)
-
-# Train-step benchmark against PyTorch (eager and compiled), input pipeline and loop overhead.
-bench: $(STAMP)
-	$(PY) -m experiments.benchmarks.train_step

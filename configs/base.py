@@ -78,6 +78,12 @@ def model_config(size: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fields)
 
 
+def task_eval_config() -> ml_collections.ConfigDict:
+  """Greedy exact match on the held-out generated tasks (sft_tasks validation)."""
+  return ml_collections.ConfigDict(dict(exact_match=True, examples=0,  # 0 = all 300
+                                        max_new_tokens=24))
+
+
 def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
   """The keys every stage has, sized for `size`."""
   batch_size, seq_len, steps, lr = RUN_PRESETS[size] if size in RUN_PRESETS else RUN_PRESETS['tiny']

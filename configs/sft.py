@@ -30,10 +30,8 @@ def get_config(arg=None):
   c.sft = ml_collections.ConfigDict(dict(
       loss_mask='assistant',  # assistant | completion | all
       packing=True,           # several examples per row (segment ids), else one padded
-      exact_match=True,       # greedy exact match on the held-out sft_tasks
-      exact_match_examples=0,  # 0 = all held-out tasks (300)
-      max_new_tokens=24,
   ))
+  c.task_eval = base.task_eval_config()
   c.sample.prompts = ('What is 12 + 30?', 'Reverse the letters: c o d e', 'Sort ascending: 9 4 7')
   c.sample.temperature = 0.0
   if args['size'] == 'tiny':

@@ -192,3 +192,13 @@ def test_scan_layers_gives_same_loss_and_grads_in_training():
     for a, b in zip(jax.tree.leaves(grads_a[f'layers_{i}']),
                     jax.tree.leaves(jax.tree.map(lambda x: x[i], grads_b['layers']))):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_dot_product_attention_impl_matches_einsum():
+  model, params = _init(CFG)
+  xla = Transformer(ModelConfig(**{**CFG.__dict__, 'attention_impl': 'xla'}))
+  tok = _tokens(2, 12)
+  seg = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12])
+  a, _ = model.apply({'params': params}, tok, None, seg)
+  b, _ = xla.apply({'params': params}, tok, None, seg)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

@@ -30,7 +30,7 @@ def compile_seconds(layers: int, scan: bool) -> float:
            for k in ('inputs', 'targets', 'segment_ids', 'positions')}
   t0 = time.time()
   with trainer._context():  # pylint: disable=protected-access
-    trainer.train_step.lower(trainer.abstract_state, batch, {}).compile()
+    trainer.train_step.lower(trainer.abstract_state, batch, {}, {}).compile()
   return time.time() - t0
 
 

@@ -1,7 +1,8 @@
 """Train-step benchmark: this project against the same model in PyTorch, side by side.
 
     python -m experiments.benchmarks.train_step            # `make bench`
-    python -m experiments.benchmarks.train_step --gpu      # accelerator: 1b preset, bf16, seq 2048
+    python -m experiments.benchmarks.train_step --gpu      # accelerator: 1b preset, bf16, seq 2048,
+                                                           # attention: einsum, XLA and cuDNN kernels
 
 Each part runs in its own process (clean peak memory) on the same token
 batches, and the driver prints one table and a summary. Parts:
@@ -88,14 +89,14 @@ def _jax_step_time(model_fields, batch, seq, steps, dtype='float32', attention=N
   with t._context():  # pylint: disable=protected-access
     b = t.to_global(host)
     t0 = time.perf_counter()
-    compiled = t.train_step.lower(state, b, frozen).compile()
+    compiled = t.train_step.lower(state, b, frozen, {}).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(2):
-      state, m = compiled(state, b, frozen)
+      state, m = compiled(state, b, frozen, {})
     jax.block_until_ready(state)
     t0 = time.perf_counter()
     for _ in range(steps):
-      state, m = compiled(state, b, frozen)
+      state, m = compiled(state, b, frozen, {})
     jax.block_until_ready((state, m))
     sec = (time.perf_counter() - t0) / steps
   mem = None
@@ -108,12 +109,12 @@ def _jax_step_time(model_fields, batch, seq, steps, dtype='float32', attention=N
           'mem_kind': 'device' if mem is not None else 'rss'}
 
 
-def part_jax(gpu: bool, steps: int) -> dict:
+def part_jax(gpu: bool, steps: int, attention: str = 'einsum') -> dict:
   if gpu:
     from configs.base import MODEL_PRESETS  # pylint: disable=import-outside-toplevel
-    fields = dict(MODEL_PRESETS['1b'], scan_layers=True, remat='none')
+    fields = dict(MODEL_PRESETS['1b'], scan_layers=True, remat='none', attention_impl=attention)
     return _jax_step_time(fields, 8, 2048, steps, dtype='bfloat16')
-  return _jax_step_time(REFERENCE, REF_BATCH, REF_SEQ, steps)
+  return _jax_step_time(dict(REFERENCE, attention_impl=attention), REF_BATCH, REF_SEQ, steps)
 
 
 def part_torch(compiled: bool, steps: int) -> dict:
@@ -195,9 +196,11 @@ def main() -> None:
   parser.add_argument('--part', default='')
   parser.add_argument('--gpu', action='store_true')
   parser.add_argument('--steps', type=int, default=8)
+  parser.add_argument('--attention', default='einsum', help='einsum | xla | cudnn')
   args = parser.parse_args()
   if args.part:
-    fn = {'peak': lambda: part_peak(args.gpu), 'jax': lambda: part_jax(args.gpu, args.steps),
+    fn = {'peak': lambda: part_peak(args.gpu),
+          'jax': lambda: part_jax(args.gpu, args.steps, args.attention),
           'torch_eager': lambda: part_torch(False, args.steps),
           'torch_compile': lambda: part_torch(True, args.steps),
           'pipeline': lambda: part_pipeline(200), 'loop': lambda: part_loop(40)}[args.part]
@@ -208,7 +211,14 @@ def main() -> None:
   steps = [f'--steps={args.steps}']
   peak = _run_part('peak', *flag)
   rows = {'jax (this project)': _run_part('jax', *flag, *steps)}
-  if not args.gpu:
+  if args.gpu:  # attention implementations
+    rows = {'jax, einsum attention': rows['jax (this project)']}
+    for impl in ('xla', 'cudnn'):
+      try:
+        rows[f'jax, dot_product_attention {impl}'] = _run_part('jax', *flag, *steps, f'--attention={impl}')
+      except SystemExit as e:
+        print(f'(attention {impl} failed: {str(e).splitlines()[-1][:200]})')
+  else:
     rows['pytorch eager'] = _run_part('torch_eager', *steps)
     rows['pytorch compile'] = _run_part('torch_compile', *steps)
   what = '1b preset, bf16, batch 8 x 2048' if args.gpu else (

@@ -118,6 +118,30 @@ def local_rows(batch: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarra
   return {k: v[rows] for k, v in batch.items()}
 
 
+def take_batches(ds, n: int) -> list[dict[str, Any]]:
+  """The first `n` batches of `ds` (a fixed evaluation set); an error if there are none."""
+  out = []
+  for batch in ds:
+    out.append(batch)
+    if len(out) >= n:
+      break
+  if not out:
+    raise UserError('the validation split holds less than one batch; lower batch_size or seq_len.')
+  return out
+
+
+def mixed_source(sources_list, weights, *, seed: int, shuffle: bool = True,
+                 num_epochs: int | None = None) -> grain.MapDataset:
+  """Each source shuffled (reshuffled every epoch) and repeated, then mixed by `weights`."""
+  parts = []
+  for src in sources_list:
+    ds = grain.MapDataset.source(src)
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
+    parts.append(ds.repeat(num_epochs))
+  return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+
+
 def eval_batches(data_cfg, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                  max_batches: int, scan_factor: int = 8) -> list[dict[str, Any]]:
   """The fixed validation batches.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import random
 import textwrap
 
@@ -60,28 +59,16 @@ def task_rows(split: str, per_family: int, seed: int = 1234):
       yield f'{family}-{len(seen)}', row
 
 
-def _json_features():
-  return tfds.features.FeaturesDict({'json': tfds.features.Text()})
-
-
-class SftTasks(tfds.core.GeneratorBasedBuilder):
+class SftTasks(sources.JsonRows):
   """Generated tasks with exact answers (add, reverse, sort)."""
 
   VERSION = tfds.core.Version('1.1.0')
   TRAIN_PER_FAMILY = 8000  # two-digit additions have only ~9750 training questions
   VALIDATION_PER_FAMILY = 100
 
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=_json_features())
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {'train': self._generate_examples('train', self.TRAIN_PER_FAMILY),
-            'validation': self._generate_examples('validation', self.VALIDATION_PER_FAMILY)}
-
-  def _generate_examples(self, split, n):
-    for key, row in task_rows(split, n):
-      yield key, {'json': json.dumps(row)}
+  def rows(self, split):
+    n = self.TRAIN_PER_FAMILY if split == 'train' else self.VALIDATION_PER_FAMILY
+    return task_rows(split, n)
 
 
 def code_pairs(path: str, rel: str, max_chars: int = 1200):
@@ -111,24 +98,15 @@ def code_pairs(path: str, rel: str, max_chars: int = 1200):
     yield f'{rel}:{node.lineno}', row
 
 
-class SftCode(tfds.core.GeneratorBasedBuilder):
+class SftCode(sources.JsonRows):
   """Signature + docstring -> function source, from the standard library."""
 
-  VERSION = tfds.core.Version('1.0.0')
   BUILDER_CONFIGS = sources.Stdlib.BUILDER_CONFIGS
 
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=_json_features())
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {'train': self._generate_examples(False), 'validation': self._generate_examples(True)}
-
-  def _generate_examples(self, validation):
+  def rows(self, split):
     for rel, path in sources.stdlib_files():
-      if sources.is_validation(rel) == validation:
-        for key, row in code_pairs(path, rel):
-          yield key, {'json': json.dumps(row)}
+      if sources.is_validation(rel) == (split == 'validation'):
+        yield from code_pairs(path, rel)
 
 
 def sft_builder(name: str, data_dir: str):

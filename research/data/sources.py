@@ -14,6 +14,7 @@ document's key, so they never change between runs or machines.
 
 from __future__ import annotations
 
+import abc
 import glob
 import hashlib
 import json
@@ -71,6 +72,29 @@ class Stdlib(tfds.core.GeneratorBasedBuilder):
       if is_validation(rel) == validation:
         with open(path, encoding='utf-8', errors='replace') as f:
           yield rel, {'text': f.read(), 'key': rel}
+
+
+class JsonRows(tfds.core.GeneratorBasedBuilder):
+  """Base of the embedded structured datasets: each row is one JSON string in
+  'json', with 'train' and 'validation' splits from `rows(split)`."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  @abc.abstractmethod
+  def rows(self, split: str) -> Iterator[tuple[str, dict]]:
+    """Yields (unique key, row dict) for `split`."""
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {'json': tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in ('train', 'validation')}
+
+  def _generate_examples(self, split):
+    for key, row in self.rows(split):
+      yield key, {'json': json.dumps(row)}
 
 
 def _expand_globs(files: str) -> list[str]:
@@ -175,8 +199,8 @@ def project_builder(name: str, data_dir: str, files: str = '', text_key: str = '
   if name == 'files':
     return LocalText(paths=_expand_globs(files), text_key=text_key, data_dir=data_dir,
                      file_format='array_record')
-  from research.data import sft_sources  # pylint: disable=import-outside-toplevel
-  return sft_sources.sft_builder(name, data_dir)
+  from research.data import pref_sources, sft_sources  # pylint: disable=import-outside-toplevel
+  return sft_sources.sft_builder(name, data_dir) or pref_sources.pref_builder(name, data_dir)
 
 
 def prepare(builder) -> None:
@@ -209,7 +233,9 @@ def open_split(name: str, split: str, *, data_dir: str = '', files: str = '',
 
 
 def example_text(example: dict, text_key: str) -> str:
-  """The document text of a TFDS example (bytes or str)."""
+  """The document text of a TFDS example (bytes or str); text_key '' = the stored row."""
+  if not text_key:
+    text_key = 'json' if 'json' in example else 'text'
   if text_key not in example:
     raise UserError(f'examples have no field {text_key!r} (fields: {sorted(example)}); '
                     'set --config.data.text_key.')

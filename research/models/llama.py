@@ -59,6 +59,9 @@ class ModelConfig:
   dtype: str = 'float32'  # compute dtype; softmax, norms and logits stay float32
   remat: str = 'none'  # none | full | dots_saveable | dots_with_no_batch_dims
   scan_layers: bool = False
+  # einsum: explicit matmuls + float32 softmax; xla / cudnn: jax.nn.dot_product_attention
+  # with that implementation (cudnn needs a GPU and bf16/fp16 compute).
+  attention_impl: str = 'einsum'
   init_std: float = 0.02
   # LoRA (set from config.lora by the trainer): adapters on kernels whose path
   # ('layers_0/attn/q/kernel', ...) fully matches lora_targets.
@@ -211,6 +214,19 @@ def _dense(cfg: ModelConfig, features, axes, name, *, n_in=1, use_bias=False, f3
                 lora=cfg if cfg.lora_rank > 0 else None, f32_output=f32_output, name=name)
 
 
+def _einsum_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, dtype):
+  """Grouped-query attention with explicit matmuls; softmax in float32."""
+  B, T, H, Dh = q_BTHD.shape
+  K = k_BSKD.shape[2]
+  q_BTKGD = q_BTHD.reshape(B, T, K, H // K, Dh)
+  logits_BKGTS = jnp.einsum('btkgd,bskd->bkgts', q_BTKGD, k_BSKD,
+                            preferred_element_type=jnp.float32) / math.sqrt(Dh)
+  logits_BKGTS = jnp.where(mask_B1TS[:, :, None], logits_BKGTS, _MASK_VALUE)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dtype)
+  out_BTKGD = jnp.einsum('bkgts,bskd->btkgd', probs_BKGTS, v_BSKD)
+  return out_BTKGD.reshape(B, T, H, Dh)
+
+
 class Attention(nn.Module):
   """Grouped-query attention with RoPE and an optional KV cache."""
 
@@ -236,14 +252,12 @@ class Attention(nn.Module):
       new_cache = {'k': k_BSKD, 'v': v_BSKD}
       k_BTKD, v_BTKD = k_BSKD.astype(cfg.dtype), v_BSKD.astype(cfg.dtype)
 
-    B, T = q_BTHD.shape[:2]
-    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, Dh)
-    logits_BKGTS = jnp.einsum('btkgd,bskd->bkgts', q_BTKGD, k_BTKD,
-                              preferred_element_type=jnp.float32) / math.sqrt(Dh)
-    logits_BKGTS = jnp.where(mask_B1TS[:, :, None], logits_BKGTS, _MASK_VALUE)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(cfg.dtype)
-    out_BTKGD = jnp.einsum('bkgts,bskd->btkgd', probs_BKGTS, v_BTKD)
-    out_BTHD = out_BTKGD.reshape(B, T, H, Dh)
+    if cfg.attention_impl == 'einsum':
+      out_BTHD = _einsum_attention(q_BTHD, k_BTKD, v_BTKD, mask_B1TS, cfg.dtype)
+    else:
+      out_BTHD = jax.nn.dot_product_attention(
+          q_BTHD, k_BTKD.astype(q_BTHD.dtype), v_BTKD.astype(q_BTHD.dtype), mask=mask_B1TS,
+          implementation=None if cfg.attention_impl == 'xla' else cfg.attention_impl)
     out_BTHD = nn.with_logical_constraint(out_BTHD, ('batch', 'length', 'heads', 'head_dim'))
     out_BTD = _dense(cfg, cfg.d_model, ('heads', 'head_dim', 'embed'), 'o', n_in=2)(out_BTHD)
     return out_BTD, new_cache

@@ -5,6 +5,8 @@ A stage module defines:
   eval_batches(config, tokenizer)  -> list of global numpy batches
   loss(model, params, batch, rng)  -> (loss, weight, metrics); rng is None in evaluation
 and optionally:
+  make_loss(config) -> loss function (used instead of `loss` when present)
+  needs_reference = True: loss gets `reference=` the frozen initial parameters
   evaluate(trainer, params, tokenizer) -> dict of extra eval metrics
   prompt_ids(tokenizer, text), stop_tokens(tokenizer): the sampling format
 """
@@ -13,7 +15,7 @@ import importlib
 
 from research.errors import UserError
 
-STAGES = ('pretrain', 'sft')
+STAGES = ('pretrain', 'sft', 'dpo')
 
 
 def get_stage(name: str):

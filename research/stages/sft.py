@@ -53,14 +53,16 @@ def example_messages(example, text_key: str = '') -> list[dict] | None:
                            for k, v in example.items()})
 
 
-def check_rows(source, name: str, text_key: str) -> None:
-  """Counts malformed rows; reports them, and fails only if every row is bad."""
+def check_rows(source, name: str, text_key: str, parse=None,
+               expected: str = '"messages" (ending with an assistant turn), "prompt"/"response", '
+                               'or "instruction"/"output"') -> None:
+  """Counts malformed rows (parse(row, text_key) is None); reports them, and
+  fails only if every row is bad."""
+  parse = parse or example_messages
   n = min(len(source), _SCAN_LIMIT)
-  bad = sum(example_messages(source[i], text_key) is None for i in range(n))
+  bad = sum(parse(source[i], text_key) is None for i in range(n))
   if n and bad == n:
-    raise UserError(f'dataset {name!r}: all {n} rows are malformed; rows need "messages" '
-                    '(ending with an assistant turn), "prompt"/"response", or '
-                    '"instruction"/"output".')
+    raise UserError(f'dataset {name!r}: all {n} rows are malformed; rows need {expected}.')
   if bad:
     print(f'warning: dataset {name!r}: skipped {bad} malformed of the first {n} rows', flush=True)
 
@@ -97,13 +99,7 @@ def sft_dataset(sources_list, weights, tokenizer, *, seq_len: int, batch_size: i
                 mask: str = 'assistant', packing: bool = True, text_key: str = '',
                 shuffle: bool = True, num_epochs: int | None = None) -> grain.IterDataset:
   """Batches of rendered examples, packed (segment ids) or padded one per row."""
-  parts = []
-  for src in sources_list:
-    ds = grain.MapDataset.source(src)
-    if shuffle:
-      ds = ds.shuffle(seed=seed)
-    parts.append(ds.repeat(num_epochs))
-  ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+  ds = pipeline.mixed_source(sources_list, weights, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
   ds = ds.map(_Render(tokenizer, seq_len, mask, text_key)).filter(lambda x: x is not None)
   it = ds.to_iter_dataset()
   if packing:
@@ -136,14 +132,7 @@ def eval_batches(config, tokenizer):
   ds = sft_dataset(srcs, _weights(d, len(names)), tokenizer, seq_len=config.seq_len,
                    batch_size=config.batch_size, seed=0, mask=config.sft.loss_mask,
                    packing=config.sft.packing, text_key=d.text_key, shuffle=False, num_epochs=1)
-  out = []
-  for batch in ds:
-    out.append(batch)
-    if len(out) >= config.eval_batches:
-      break
-  if not out:
-    raise UserError('the validation split holds less than one batch; lower batch_size.')
-  return out
+  return pipeline.take_batches(ds, config.eval_batches)
 
 
 def loss(model, params, batch, rng):
@@ -192,17 +181,18 @@ def _task_rows(config) -> list[dict]:
   src = _open(config.data, 'sft_tasks', 'validation')
   rows = [json.loads(src[i]['json']) for i in range(len(src))]
   rows.sort(key=lambda r: (r['family'], r['messages'][0]['content']))
-  return rows[:config.sft.exact_match_examples] if config.sft.exact_match_examples > 0 else rows
+  n = config.task_eval.examples
+  return rows[:n] if n > 0 else rows
 
 
 def evaluate(trainer, params, tokenizer: Tokenizer) -> dict[str, float]:
-  """Exact match on the held-out generated tasks (when config.sft.exact_match)."""
-  if not trainer.config.sft.exact_match:
+  """Exact match on the held-out generated tasks (when config.task_eval.exact_match)."""
+  if not trainer.config.task_eval.exact_match:
     return {}
-  if not hasattr(trainer, '_sft_task_rows'):
-    trainer._sft_task_rows = _task_rows(trainer.config)  # pylint: disable=protected-access
-  return exact_match(trainer.model, params, tokenizer, trainer._sft_task_rows,  # pylint: disable=protected-access
-                     max_new_tokens=trainer.config.sft.max_new_tokens)
+  if not hasattr(trainer, '_task_rows'):
+    trainer._task_rows = _task_rows(trainer.config)  # pylint: disable=protected-access
+  return exact_match(trainer.model, params, tokenizer, trainer._task_rows,  # pylint: disable=protected-access
+                     max_new_tokens=trainer.config.task_eval.max_new_tokens)
 
 
 __all__ = ['train_dataset', 'eval_batches', 'loss', 'evaluate', 'exact_match', 'sft_dataset',

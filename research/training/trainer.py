@@ -62,6 +62,8 @@ def build_model(config) -> Transformer:
     raise UserError(f'config.model.n_kv_heads={cfg.n_kv_heads} must divide n_heads={cfg.n_heads}.')
   if cfg.dh % 2:
     raise UserError(f'config.model head dim {cfg.dh} must be even for rotary embeddings.')
+  if cfg.attention_impl not in ('einsum', 'xla', 'cudnn'):
+    raise UserError(f'config.model.attention_impl={cfg.attention_impl!r}; choose einsum, xla or cudnn.')
   if cfg.remat not in ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims'):
     raise UserError(f'config.model.remat={cfg.remat!r}; choose none, full, dots_saveable or '
                     'dots_with_no_batch_dims.')
@@ -119,6 +121,11 @@ class Trainer:
     validate_run(config, self.mesh, self.rules)
     self.model = build_model(config)
     self.use_lora = self.model.cfg.lora_rank > 0
+    self.loss_fn = stage.make_loss(config) if hasattr(stage, 'make_loss') else stage.loss
+    # A frozen reference model (DPO): a copy of the initial parameters, except with
+    # LoRA, where it is the base with adapters off and needs no copy.
+    self.needs_reference = getattr(stage, 'needs_reference', False)
+    self.keeps_reference_copy = self.needs_reference and not self.use_lora
     self.tx, self.schedule = make_optimizer(config.optimizer, config.steps)
     self._setup_shardings()
 
@@ -148,6 +155,7 @@ class Trainer:
       raise UserError(f'config.lora.targets={self.config.lora.targets!r} matches no parameter; '
                       "use 'attention', 'all_linear' or a regex over paths like 'layers_0/attn/q/kernel'.")
     self.param_shardings, self.frozen_shardings = self._split(full_shardings)
+    self.reference_shardings = self.param_shardings if self.keeps_reference_copy else {}
     self.abstract_params, self.abstract_frozen = self._split(full_abstract)
     abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
     repl = sharding.replicated(self.mesh)
@@ -223,20 +231,37 @@ class Trainer:
     from research import lora  # pylint: disable=import-outside-toplevel
     return lora.combine(frozen, params)
 
+  def reference_params(self):
+    """The frozen reference copy (full fine-tuning with a reference stage), else {}."""
+    if not self.keeps_reference_copy:
+      return {}
+    if self.config.init_from:
+      return self.load_init_from()
+    return self.init_state()[0].params
+
+  def _call_loss(self, params, frozen, reference, batch, rng):
+    full = self.full_params(params, frozen)
+    if not self.needs_reference:
+      return self.loss_fn(self.model, full, batch, rng)
+    if not self.keeps_reference_copy:  # LoRA: the same base, adapters zeroed
+      reference = self.full_params(jax.tree.map(jnp.zeros_like, params), frozen)
+    return self.loss_fn(self.model, full, batch, rng, reference=reference)
+
   # ---- compiled steps -------------------------------------------------------
 
-  def _loss_and_grads(self, params, frozen, batch, rng):
+  def _loss_and_grads(self, params, frozen, reference, batch, rng):
     def f(p):
-      loss, weight, metrics = self.stage.loss(self.model, self.full_params(p, frozen), batch, rng)
+      loss, weight, metrics = self._call_loss(p, frozen, reference, batch, rng)
       return loss * weight, (loss, weight, metrics)
     (_, (loss, weight, metrics)), grads_sum = jax.value_and_grad(f, has_aux=True)(params)
     return loss, weight, metrics, grads_sum
 
-  def _train_step(self, state: TrainState, batch, frozen):
+  def _train_step(self, state: TrainState, batch, frozen, reference):
     rng, step_rng = jax.random.split(state.rng)
     accum = int(self.config.optimizer.grad_accum_steps)
     if accum == 1:
-      loss, weight, metrics, grads_sum = self._loss_and_grads(state.params, frozen, batch, step_rng)
+      loss, weight, metrics, grads_sum = self._loss_and_grads(state.params, frozen, reference, batch,
+                                                              step_rng)
       loss_sum = loss * weight
     else:
       # Microbatch a takes rows a, a + accum, ...: each device splits its own rows, no reshuffle.
@@ -247,7 +272,7 @@ class Trainer:
       def body(carry, xs):
         g_acc, l_acc, w_acc = carry
         mb, i = xs
-        loss, weight, metrics, g = self._loss_and_grads(state.params, frozen, mb,
+        loss, weight, metrics, g = self._loss_and_grads(state.params, frozen, reference, mb,
                                                         jax.random.fold_in(step_rng, i))
         g_acc = jax.tree.map(jnp.add, g_acc, g)
         return (g_acc, l_acc + loss * weight, w_acc + weight), metrics
@@ -265,8 +290,8 @@ class Trainer:
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, out
 
-  def _eval_step(self, params, frozen, batch):
-    loss, weight, metrics = self.stage.loss(self.model, self.full_params(params, frozen), batch, None)
+  def _eval_step(self, params, frozen, reference, batch):
+    loss, weight, metrics = self._call_loss(params, frozen, reference, batch, None)
     out = {'loss_sum': loss * weight, 'weight': weight}
     out.update({k: v * weight for k, v in metrics.items()})
     return out
@@ -275,14 +300,16 @@ class Trainer:
   def train_step(self):
     # Every batch leaf is [batch, length]: one sharding serves as a pytree prefix.
     return jax.jit(self._train_step,
-                   in_shardings=(self.state_shardings, self.batch_sharding, self.frozen_shardings),
+                   in_shardings=(self.state_shardings, self.batch_sharding, self.frozen_shardings,
+                                 self.reference_shardings),
                    out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                    donate_argnums=(0,))
 
   @functools.cached_property
   def eval_step(self):
     return jax.jit(self._eval_step,
-                   in_shardings=(self.param_shardings, self.frozen_shardings, self.batch_sharding),
+                   in_shardings=(self.param_shardings, self.frozen_shardings, self.reference_shardings,
+                                 self.batch_sharding),
                    out_shardings=sharding.replicated(self.mesh))
 
   # ---- data ---------------------------------------------------------------------
@@ -295,13 +322,13 @@ class Trainer:
 
   # ---- evaluation ---------------------------------------------------------------
 
-  def evaluate(self, params, frozen, batches, tokenizer: Tokenizer) -> dict[str, float]:
+  def evaluate(self, params, frozen, reference, batches, tokenizer: Tokenizer) -> dict[str, float]:
     """Weighted means over the fixed eval batches (eval/loss, eval/perplexity, ...),
     plus the stage's own task metrics when it defines `evaluate`."""
     totals = None
     with self._context():
       for b in batches:
-        out = self.eval_step(params, frozen, self.to_global(b))
+        out = self.eval_step(params, frozen, reference, self.to_global(b))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     w = max(float(totals.pop('weight')), 1.0)
@@ -443,6 +470,7 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   writer = MetricWriter(workdir)
   state, frozen, data_state = trainer.setup_state(ckpt)
+  reference = trainer.reference_params()
   start = int(jax.device_get(state.step))
   if data_state is not None:
     data_iter.set_state(data_state)
@@ -455,7 +483,7 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
 
   last: dict[str, Any] = {}
   if start == 0:
-    last = trainer.evaluate(state.params, frozen, eval_data, tokenizer)
+    last = trainer.evaluate(state.params, frozen, reference, eval_data, tokenizer)
     last['train/trainable_params'] = n_train
     writer.write(0, last)
     log(f'step 0 | {_eval_summary(last)}')
@@ -465,7 +493,7 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
   with trainer._context():  # pylint: disable=protected-access
     for step in range(start + 1, config.steps + 1):
       batch = trainer.to_global(next(data_iter))
-      state, metrics = trainer.train_step(state, batch, frozen)
+      state, metrics = trainer.train_step(state, batch, frozen, reference)
       steps_interval += 1
       if step % config.log_every == 0 or step == config.steps:
         metrics = jax.device_get(metrics)  # the only per-interval host sync
@@ -483,7 +511,7 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
         ckpt.save(state, data_iter.get_state())
       if step % config.eval_every == 0 or step == config.steps:
         eval_start = time.time()
-        ev = trainer.evaluate(state.params, frozen, eval_data, tokenizer)
+        ev = trainer.evaluate(state.params, frozen, reference, eval_data, tokenizer)
         writer.write(step, ev)
         last.update(ev)
         log(f'step {step} | {_eval_summary(ev)}')
@@ -505,7 +533,9 @@ def dry_run(trainer: Trainer) -> dict[str, Any]:
   t0 = time.time()
   with trainer._context():  # pylint: disable=protected-access
     frozen = _with_shardings(trainer.abstract_frozen, trainer.frozen_shardings)
-    compiled = trainer.train_step.lower(trainer.abstract_state, batch, frozen).compile()
+    reference = _with_shardings(trainer.abstract_params, trainer.reference_shardings) \
+        if trainer.keeps_reference_copy else {}
+    compiled = trainer.train_step.lower(trainer.abstract_state, batch, frozen, reference).compile()
   compile_s = time.time() - t0
 
   def per_device_bytes(tree):

@@ -1,0 +1,48 @@
+"""Preference optimization (DPO, IPO, robust DPO, SimPO, ORPO), optionally with LoRA.
+
+The CPU demo (after SFT wrote runs/sft):
+
+    python -m research.main --config=configs/dpo.py:size=tiny --workdir=runs/dpo \
+        --config.init_from=runs/sft
+
+The reference model is the frozen init_from parameters (with LoRA: the base with
+adapters off). Data: 'pref_tasks' (correct vs plausible wrong task answers) and
+'pref_code' (stdlib function vs a corrupted copy), or JSONL rows
+{"prompt", "chosen", "rejected"} (strings or message lists) via data.name=files.
+Presets: size=tiny|7b|8b, mode=full|lora.
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config(arg=None):
+  """Returns the DPO config for `arg` ('size=tiny,mode=full' by default)."""
+  args = base.parse_arg(arg, size='tiny', mode='full')
+  c = base.base_config('dpo', args['size'])
+  c.data.name = 'pref_tasks+pref_code'
+  c.data.text_key = ''
+  c.data.mix_weights = (0.8, 0.2)
+  c.dpo = ml_collections.ConfigDict(dict(
+      loss_type='sigmoid',  # sigmoid | ipo | robust | simpo | orpo
+      beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, orpo_lambda=0.1,
+      rpo_alpha=0.0))  # > 0: add alpha x NLL of the chosen reply (RPO)
+  c.task_eval = base.task_eval_config()
+  c.sample.prompts = ('What is 12 + 30?', 'Reverse the letters: c o d e')
+  c.sample.temperature = 0.0
+  c.optimizer.weight_decay = 0.0
+  if args['size'] == 'tiny':
+    c.steps, c.seq_len, c.batch_size = 300, 128, 16
+    c.eval_every, c.eval_batches = 150, 4
+    c.optimizer.lr, c.optimizer.warmup_steps = 1e-4, 20
+    c.dpo.rpo_alpha = 1.0  # the tiny model otherwise forgets how to answer
+  else:
+    c.steps, c.seq_len, c.batch_size = 1000, 2048, 64
+    c.optimizer.lr, c.optimizer.warmup_steps = 5e-7, 50
+  if args['mode'] == 'lora':
+    c.lora.rank, c.lora.alpha = (8, 16.0) if args['size'] == 'tiny' else (16, 32.0)
+    c.optimizer.lr = 2e-3 if args['size'] == 'tiny' else 5e-6
+  elif args['mode'] != 'full':
+    raise ValueError(f"mode={args['mode']!r}; choose full or lora")
+  return c

@@ -1,0 +1,161 @@
+"""Preference optimization: DPO and relatives on {"prompt", "chosen", "rejected"} pairs.
+
+`prompt`, `chosen` and `rejected` are strings or message lists (rendered with
+the chat template; the loss reads log-probabilities of the final assistant
+reply only). The reference model is frozen: the `init_from` parameters (one
+extra copy, no optimizer state), or, with LoRA, the same base with the adapters
+switched off, so only one copy of the base exists.
+
+config.dpo.loss_type: sigmoid (DPO), ipo, robust (use beta, label_smoothing),
+or the reference-free simpo (beta, simpo_gamma) and orpo (orpo_lambda).
+config.dpo.rpo_alpha > 0 adds alpha x the per-token NLL of the chosen reply (RPO),
+which stops DPO from lowering the likelihood of both replies.
+Evaluation logs the held-out loss, eval/rewards/accuracies and the other
+reward metrics, and exact match on the held-out generated tasks.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from research import losses
+from research.data import chat, pipeline
+from research.data.tokenizer import Tokenizer
+from research.stages import sft
+
+needs_reference = True
+REFERENCE_FREE = ('simpo', 'orpo')
+_SIDES = ('chosen', 'rejected')
+
+
+def pair_messages(example, text_key: str = ''):
+  """(chosen messages, rejected messages) of a stored row, or None if malformed."""
+  try:
+    raw = example.get('json', example.get(text_key or 'text'))
+    row = json.loads(raw) if raw is not None else {
+        k: v.decode() if isinstance(v, bytes) else v for k, v in example.items()}
+    prompt = row['prompt']
+    prompt = json.loads(prompt) if isinstance(prompt, str) and prompt.startswith('[{') else prompt
+    history = [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else list(prompt)
+    out = []
+    for side in _SIDES:
+      reply = row[side]
+      msgs = history + ([{'role': 'assistant', 'content': reply}] if isinstance(reply, str) else list(reply))
+      msgs = chat.to_messages({'messages': msgs})
+      if msgs is None:
+        return None
+      out.append(msgs)
+  except (ValueError, KeyError, TypeError, AttributeError):
+    return None
+  return tuple(out)
+
+
+class _RenderPair(grain.transforms.Map):
+  """Row -> padded chosen_* and rejected_* arrays [seq_len], or None if malformed."""
+
+  def __init__(self, tokenizer: Tokenizer, seq_len: int, text_key: str):
+    self.tokenizer, self.seq_len, self.text_key = tokenizer, seq_len, text_key
+
+  def map(self, example):
+    pair = pair_messages(example, self.text_key)
+    if pair is None:
+      return None
+    out = {}
+    T = self.seq_len
+    for side, messages in zip(_SIDES, pair):
+      ids, weights = chat.render(messages, self.tokenizer, mask='completion')
+      ids, weights = ids[:T + 1], weights[:T + 1]
+      n = len(ids) - 1
+      pad = lambda a: np.pad(a, (0, T - len(a)))
+      out[f'{side}_inputs'] = pad(ids[:-1])
+      out[f'{side}_targets'] = pad(ids[1:])
+      out[f'{side}_loss_mask'] = pad(weights[1:])
+      out[f'{side}_segment_ids'] = (np.arange(T) < n).astype(np.int32)
+      out[f'{side}_positions'] = np.where(np.arange(T) < n, np.arange(T), 0).astype(np.int32)
+    return out
+
+
+def pair_dataset(sources_list, weights, tokenizer, *, seq_len, batch_size, seed, text_key='',
+                 shuffle=True, num_epochs=None):
+  """Batches of preference pairs, one pair per row on each side."""
+  ds = pipeline.mixed_source(sources_list, weights, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
+  ds = ds.map(_RenderPair(tokenizer, seq_len, text_key)).filter(lambda x: x is not None)
+  return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)
+
+
+def _sources(config, split):
+  d = config.data
+  names = sft._names(d)  # pylint: disable=protected-access
+  return [sft._open(d, n, split) for n in names], sft._weights(d, len(names))  # pylint: disable=protected-access
+
+
+def train_dataset(config, tokenizer):
+  """The shuffled, mixed, repeating stream of pair batches."""
+  srcs, weights = _sources(config, config.data.train_split)
+  for name, src in zip(sft._names(config.data), srcs):  # pylint: disable=protected-access
+    sft.check_rows(src, name, config.data.text_key, parse=pair_messages,
+                   expected='"prompt", "chosen" and "rejected"')
+  return pair_dataset(srcs, weights, tokenizer, seq_len=config.seq_len, batch_size=config.batch_size,
+                      seed=config.seed, text_key=config.data.text_key)
+
+
+def eval_batches(config, tokenizer):
+  """Held-out pair batches, in storage order."""
+  srcs, weights = _sources(config, config.data.eval_split)
+  ds = pair_dataset(srcs, weights, tokenizer, seq_len=config.seq_len, batch_size=config.batch_size,
+                    seed=0, text_key=config.data.text_key, shuffle=False, num_epochs=1)
+  return pipeline.take_batches(ds, config.eval_batches)
+
+
+def pair_logps(model, params, batch, rng=None):
+  """Summed log-probs and token counts of the chosen and rejected replies (one forward)."""
+  cat = lambda k: jnp.concatenate([batch[f'chosen_{k}'], batch[f'rejected_{k}']], axis=0)
+  logits, _ = model.apply({'params': params}, cat('inputs'), cat('positions'), cat('segment_ids'),
+                          rngs={} if rng is None else {'dropout': rng})
+  mask = (cat('loss_mask') > 0) & (cat('segment_ids') > 0)
+  logps, n = losses.sequence_logprobs(logits, cat('targets'), mask)
+  B = batch['chosen_inputs'].shape[0]
+  return logps[:B], logps[B:], n[:B], n[B:]
+
+
+def make_loss(config):
+  """loss(model, params, batch, rng, reference) for config.dpo."""
+  c = config.dpo
+
+  def loss(model, params, batch, rng, reference=None):
+    pc, pr, nc, nr = pair_logps(model, params, batch, rng)
+    if c.loss_type == 'simpo':
+      value, metrics = losses.simpo_loss(pc, pr, nc, nr, beta=c.beta, gamma=c.simpo_gamma)
+    elif c.loss_type == 'orpo':
+      value, metrics = losses.orpo_loss(pc, pr, nc, nr, lam=c.orpo_lambda)
+    else:
+      rc, rr, _, _ = pair_logps(model, jax.lax.stop_gradient(reference), batch)
+      value, metrics = losses.dpo_loss(pc, pr, rc, rr, beta=c.beta, label_smoothing=c.label_smoothing,
+                                       loss_type=c.loss_type)
+    if c.rpo_alpha > 0:  # RPO: keep the chosen reply likely (Pang et al., 2024)
+      nll = jnp.mean(-pc / jnp.maximum(nc, 1.0))
+      value = value + c.rpo_alpha * nll
+      metrics['nll/chosen'] = nll
+    metrics['logps/chosen'] = jnp.mean(pc)
+    metrics['logps/rejected'] = jnp.mean(pr)
+    return value, jnp.float32(pc.shape[0]), metrics
+  return loss
+
+
+def loss(model, params, batch, rng, reference=None):
+  """DPO (sigmoid, beta 0.1) with the default config; see make_loss."""
+  from configs import dpo as dpo_config  # pylint: disable=import-outside-toplevel
+  return make_loss(dpo_config.get_config())(model, params, batch, rng, reference)
+
+
+prompt_ids = sft.prompt_ids
+stop_tokens = sft.stop_tokens
+evaluate = sft.evaluate
+
+__all__ = ['make_loss', 'loss', 'pair_logps', 'pair_dataset', 'train_dataset', 'eval_batches',
+           'evaluate']

@@ -1,0 +1,111 @@
+"""DPO stage: pair rendering, reference handling, memory with LoRA."""
+
+import json
+import os
+import random
+
+import jax
+import numpy as np
+import pytest
+
+from research.data import pref_sources, sft_sources
+from research.data.tokenizer import train_tokenizer
+from research.stages import dpo
+from research.training import trainer as trainer_lib
+
+
+@pytest.fixture(scope='module')
+def tok(corpus_dir):
+  texts = [open(os.path.join(corpus_dir, f)).read() for f in sorted(os.listdir(corpus_dir))]
+  return train_tokenizer(texts, 512)
+
+
+def test_pair_formats():
+  s = dpo.pair_messages({'json': json.dumps({'prompt': 'Q', 'chosen': 'A', 'rejected': 'B'})})
+  assert s[0][-1] == {'role': 'assistant', 'content': 'A'} and s[1][-1]['content'] == 'B'
+  convo = [{'role': 'system', 'content': 'S'}, {'role': 'user', 'content': 'Q'}]
+  m = dpo.pair_messages({'json': json.dumps({'prompt': convo, 'chosen': [{'role': 'assistant', 'content': 'A'}],
+                                             'rejected': 'B'})})
+  assert m[0][:2] == convo and m[1][-1]['content'] == 'B'
+  assert dpo.pair_messages({'json': '{"prompt": "Q", "chosen": "A"}'}) is None
+  assert dpo.pair_messages({'json': 'nope'}) is None
+
+
+def test_wrong_answers_are_wrong_and_close():
+  rng = random.Random(0)
+  for _, row in sft_sources.task_rows('train', 200):
+    q, a = row['messages'][0]['content'], row['answer']
+    w = pref_sources.wrong_answer(row['family'], q, a, rng)
+    assert w != a
+    if row['family'] == 'add':
+      assert abs(int(w) - int(a)) in (1, 10)
+    else:
+      assert sorted(w.split()) == sorted(a.split()) or len(w.split()) == len(a.split()) + 1
+
+
+def _pair_batch(tok, n=4, seq_len=48):
+  rows = [{'json': json.dumps(r)} for _, r in pref_sources.task_pairs('train', n)]
+  ds = dpo.pair_dataset([rows], [1.0], tok, seq_len=seq_len, batch_size=n, seed=0, shuffle=False,
+                        num_epochs=1)
+  return next(iter(ds))
+
+
+def test_stage_loss_is_ln2_at_the_reference_and_masks_prompts(tok):
+  from research.models.llama import Transformer, ModelConfig
+  import flax.linen as nn
+  import jax.numpy as jnp
+  batch = {k: jnp.asarray(v) for k, v in _pair_batch(tok).items()}
+  # Only the reply tokens (and <|end|>) are scored.
+  mask, targets = np.asarray(batch['chosen_loss_mask'][0]), np.asarray(batch['chosen_targets'][0])
+  assert targets[mask > 0][-1] == tok.special_id('<|end|>')
+  model = Transformer(ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64))
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))['params']
+  from configs import dpo as dpo_cfg
+  cfg = dpo_cfg.get_config()
+  cfg.dpo.rpo_alpha = 0.0  # pure DPO
+  loss_fn = dpo.make_loss(cfg)
+  loss, weight, metrics = loss_fn(model, params, batch, None, reference=params)
+  assert abs(float(loss) - np.log(2)) < 1e-6 and float(weight) == 4
+  assert float(metrics['rewards/chosen']) == 0.0 and float(metrics['rewards/margins']) == 0.0
+
+
+def _dpo_config(test_config, **kw):
+  from configs import dpo as dpo_cfg
+  c = test_config(**kw)
+  d = dpo_cfg.get_config()
+  with c.unlocked():
+    c.stage, c.dpo, c.task_eval = 'dpo', d.dpo, d.task_eval
+    c.task_eval.exact_match = False
+    c.dpo.rpo_alpha = 0.0  # pure DPO: loss ln 2 at the reference
+    c.data.name, c.data.text_key, c.data.mix_weights = 'pref_tasks', '', ()
+  return c
+
+
+def _bytes(tree):
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def test_lora_dpo_holds_one_copy_of_the_base(test_config, tmp_path):
+  devices = jax.devices()[:1]
+  full = trainer_lib.Trainer(_dpo_config(test_config), str(tmp_path / 'a'), dpo, devices=devices)
+  state, frozen, _ = full.setup_state(None)
+  reference = full.reference_params()
+  base_bytes = _bytes(state.params)
+  assert _bytes(frozen) == 0 and _bytes(reference) == base_bytes  # full DPO: policy + reference copy
+
+  lora_t = trainer_lib.Trainer(_dpo_config(test_config, lora__rank=4), str(tmp_path / 'b'), dpo, devices=devices)
+  state, frozen, _ = lora_t.setup_state(None)
+  reference = lora_t.reference_params()
+  assert _bytes(frozen) == base_bytes and _bytes(reference) == 0
+  assert _bytes(state.params) < 0.1 * base_bytes  # adapters only
+
+
+def test_dpo_training_moves_rewards_and_keeps_reference(test_config, tmp_path):
+  c = _dpo_config(test_config, steps=8, log_every=1, seq_len=48, optimizer__lr=3e-3, eval_every=8)
+  from research.training.metrics import read_metrics
+  trainer_lib.train(c, str(tmp_path / 'run'), devices=jax.devices()[:1])
+  rows = [r for r in read_metrics(str(tmp_path / 'run')) if 'train/rewards/margins' in r]
+  assert rows[0]['train/loss'] == pytest.approx(np.log(2), abs=1e-6)  # step 1: policy = reference
+  late = rows[-3:]
+  assert np.mean([r['train/rewards/margins'] for r in late]) > 0
+  assert np.mean([r['train/loss'] for r in late]) < np.log(2)
