@@ -39,7 +39,7 @@ def main() -> None:
     seconds = time.time() - t0
     a, b = first_and_last(metrics, 'eval/exact_match')
     trainable = next(r['train/trainable_params'] for r in metrics if 'train/trainable_params' in r)
-    rows.append((name, trainable, a['eval/exact_match'], b['eval/exact_match'], seconds))
+    rows.append((name, int(trainable), a['eval/exact_match'], b['eval/exact_match'], seconds))
 
   full_gain = rows[0][3] - rows[0][2]
   lines = ['| variant | trainable params | exact match before | after | gain | gain / full gain | time (s) |',
