@@ -78,11 +78,4 @@ class PrefCode(sources.JsonRows):
     return code_pairs(split == 'validation')
 
 
-def pref_builder(name: str, data_dir: str):
-  """The builder of an embedded preference dataset, or None for other names."""
-  data_dir = sources.resolve_data_dir(data_dir)
-  if name == 'pref_tasks':
-    return PrefTasks(data_dir=data_dir, file_format='array_record')
-  if name == 'pref_code':
-    return PrefCode(data_dir=data_dir, file_format='array_record')
-  return None
+BUILDERS = {'pref_tasks': PrefTasks, 'pref_code': PrefCode}

@@ -109,11 +109,4 @@ class SftCode(sources.JsonRows):
         yield from code_pairs(path, rel)
 
 
-def sft_builder(name: str, data_dir: str):
-  """The builder of an embedded SFT dataset, or None for other names."""
-  data_dir = sources.resolve_data_dir(data_dir)
-  if name == 'sft_tasks':
-    return SftTasks(data_dir=data_dir, file_format='array_record')
-  if name == 'sft_code':
-    return SftCode(data_dir=data_dir, file_format='array_record')
-  return None
+BUILDERS = {'sft_tasks': SftTasks, 'sft_code': SftCode}

@@ -200,7 +200,8 @@ def project_builder(name: str, data_dir: str, files: str = '', text_key: str = '
     return LocalText(paths=_expand_globs(files), text_key=text_key, data_dir=data_dir,
                      file_format='array_record')
   from research.data import pref_sources, sft_sources  # pylint: disable=import-outside-toplevel
-  return sft_sources.sft_builder(name, data_dir) or pref_sources.pref_builder(name, data_dir)
+  embedded = {**sft_sources.BUILDERS, **pref_sources.BUILDERS}
+  return embedded[name](data_dir=data_dir, file_format='array_record') if name in embedded else None
 
 
 def prepare(builder) -> None:
