@@ -132,7 +132,7 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
       mix_weights=(),       # for data.name='a+b': sampling weights of the datasets
   ))
 
-  # LoRA: rank 0 = off. targets: a preset (attention | all_linear) or a regex
+  # LoRA: rank 0 = off. targets: a preset (attention | attention_up_down | all_linear) or a regex
   # fully matching parameter paths such as 'layers_0/attn/q/kernel'.
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets='attention',
                                           rslora=False))

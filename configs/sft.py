@@ -49,7 +49,8 @@ def get_config(arg=None):
   if args['mode'] == 'lora':
     c.lora.rank = 16 if args['size'] != 'tiny' else 8
     c.lora.alpha = 32.0 if args['size'] != 'tiny' else 16.0
-    c.optimizer.lr = 2e-4 if args['size'] != 'tiny' else 3e-3
+    c.lora.targets = 'all_linear' if args['size'] != 'tiny' else 'attention_up_down'
+    c.optimizer.lr = 2e-4 if args['size'] != 'tiny' else 1e-2
   elif args['mode'] != 'full':
     raise ValueError(f"mode={args['mode']!r}; choose full or lora")
   return c

@@ -16,6 +16,9 @@ from research.models.llama import ModelConfig
 TARGET_PRESETS = {
     'attention': r'.*attn/(q|k|v|o)/kernel',
     'all_linear': r'.*(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel',
+    # Attention plus the MLP's up and down projections (not the gate): on the tiny
+    # preset at rank 8 this stays under 5% of the parameters.
+    'attention_up_down': r'.*(attn/(q|k|v|o)|mlp/(up|down))/kernel',
 }
 _ADAPTER_NAMES = ('lora_a', 'lora_b')
 

@@ -57,8 +57,11 @@ def test_lora_training_keeps_base_frozen_and_checkpoints_small(test_config, tmp_
   src = str(tmp_path / 'full')
   trainer_lib.train(test_config(steps=2, checkpoint_every=2, **model_over), src, devices=devices)
   run = str(tmp_path / 'lora')
-  cfg = test_config(steps=6, checkpoint_every=6, log_every=1, init_from=src, lora__rank=8,
-                    optimizer__lr=1e-2, **model_over)
+  from configs import sft as sft_cfg
+  preset = sft_cfg.get_config('size=tiny,mode=lora').lora  # the preset of the LoRA experiment
+  cfg = test_config(steps=6, checkpoint_every=6, log_every=1, init_from=src, lora__rank=preset.rank,
+                    lora__targets=preset.targets, lora__alpha=preset.alpha, optimizer__lr=1e-2,
+                    **model_over)
   trainer_lib.train(cfg, run, devices=devices)
 
   t = trainer_lib.Trainer(cfg, run, pretrain, devices=devices)
