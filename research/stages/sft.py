@@ -16,7 +16,7 @@ import grain
 import numpy as np
 
 from research import losses, sampling
-from research.data import chat, pipeline, sft_sources, sources
+from research.data import chat, pipeline, sources
 from research.data.tokenizer import Tokenizer
 from research.errors import UserError
 
@@ -196,4 +196,4 @@ def evaluate(trainer, params, tokenizer: Tokenizer) -> dict[str, float]:
 
 
 __all__ = ['train_dataset', 'eval_batches', 'loss', 'evaluate', 'exact_match', 'sft_dataset',
-           'example_messages', 'sft_sources']
+           'example_messages', 'check_rows']
