@@ -5,7 +5,9 @@
 2. supervised fine-tuning from it on the embedded SFT mixture (generated tasks
    and stdlib code); report held-out exact match before and after;
 3. DPO from the SFT model on the embedded preference pairs; report held-out
-   preference accuracy (eval/rewards/accuracies) and exact match before and after.
+   preference accuracy (eval/rewards/accuracies) and exact match before and after;
+4. a reward model (score head, Bradley-Terry) from the SFT model on the same
+   pairs; report held-out pairwise accuracy (eval/accuracy) before and after.
 
 Each stage's run directory lives under --runs; re-running resumes (or skips)
 finished work.
@@ -43,11 +45,13 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--runs', default='runs', help='parent directory of the run directories')
   args = parser.parse_args()
-  pre_dir, sft_dir, dpo_dir = (os.path.join(args.runs, s) for s in ('pretrain', 'sft', 'dpo'))
+  pre_dir, sft_dir, dpo_dir, rm_dir = (os.path.join(args.runs, s)
+                                       for s in ('pretrain', 'sft', 'dpo', 'reward'))
 
   pre = run_stage('configs/pretrain.py:size=tiny', pre_dir)
   sft = run_stage('configs/sft.py:size=tiny', sft_dir, f'--config.init_from={pre_dir}')
   dpo = run_stage('configs/dpo.py:size=tiny', dpo_dir, f'--config.init_from={sft_dir}')
+  rm = run_stage('configs/reward.py:size=tiny', rm_dir, f'--config.init_from={sft_dir}')
 
   a, b = first_and_last(pre, 'eval/loss')
   print(f'\npretrain: validation loss {a["eval/loss"]:.3f} (step {a["step"]}) -> '
@@ -64,6 +68,9 @@ def main() -> None:
   print(f'dpo: held-out preference accuracy {a["eval/rewards/accuracies"]:.3f} -> '
         f'{b["eval/rewards/accuracies"]:.3f} (reward margin {b["eval/rewards/margins"]:.2f}); '
         f'task exact match {100 * a["eval/exact_match"]:.1f}% -> {100 * b["eval/exact_match"]:.1f}%')
+  a, b = first_and_last(rm, 'eval/accuracy')
+  print(f'reward model: held-out pairwise accuracy {a["eval/accuracy"]:.3f} -> {b["eval/accuracy"]:.3f} '
+        f'(margin {b["eval/margin"]:.2f})')
 
 
 if __name__ == '__main__':

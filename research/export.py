@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import sys
-
-import jax
-import ml_collections
 
 from research.errors import UserError
 
@@ -23,32 +19,17 @@ from research.errors import UserError
 def export(workdir: str, out: str, model_type: str = 'llama') -> str:
   """Writes `out` from the latest checkpoint of `workdir` (LoRA adapters merged); returns `out`."""
   from research import lora  # pylint: disable=import-outside-toplevel
-  from research.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
   from research.interop import hf  # pylint: disable=import-outside-toplevel
   from research.models.llama import Transformer  # pylint: disable=import-outside-toplevel
-  from research.stages import get_stage  # pylint: disable=import-outside-toplevel
-  from research.training import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from research.training.trainer import Trainer  # pylint: disable=import-outside-toplevel
-  cfg_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(cfg_path):
-    raise UserError(f'{workdir} has no config.json; point --workdir at a training run.')
-  with open(cfg_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if ckpt_lib.Checkpointer(workdir).latest_step() is None:
-    raise UserError(f'{workdir} has no complete checkpoint to export.')
-  config.mesh.update(data=1, fsdp=1, tensor=1)  # one device: export gathers everything anyway
-  trainer = Trainer(config, workdir, get_stage(config.stage), devices=jax.devices()[:1])
-  state, frozen, _ = trainer.setup_state(ckpt_lib.Checkpointer(workdir))
-  params = trainer.full_params(state.params, frozen)
+  from research.training.trainer import load_run  # pylint: disable=import-outside-toplevel
+  trainer, params, tokenizer = load_run(workdir)
   cfg = trainer.model.cfg
   if trainer.use_lora:
     params = lora.merge(params, cfg)
     cfg = dataclasses.replace(cfg, lora_rank=0)
-  tok = os.path.join(workdir, 'tokenizer.model')
-  tokenizer = Tokenizer.load(tok) if os.path.exists(tok) else None
   hf.save_pretrained(out, Transformer(cfg), params, model_type=model_type, tokenizer=tokenizer)
   if tokenizer is not None:
-    shutil.copy(tok, os.path.join(out, 'tokenizer.model'))
+    shutil.copy(tokenizer.path, os.path.join(out, 'tokenizer.model'))
   return out
 
 

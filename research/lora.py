@@ -21,6 +21,9 @@ TARGET_PRESETS = {
     'attention_up_down': r'.*(attn/(q|k|v|o)|mlp/(up|down))/kernel',
 }
 _ADAPTER_NAMES = ('lora_a', 'lora_b')
+# New heads have no pretrained weights to adapt: they train in full next to the
+# adapters (PEFT's modules_to_save), e.g. a reward model's `score` layer.
+FULLY_TRAINED = ('score',)
 
 
 def resolve_targets(targets: str) -> str:
@@ -41,8 +44,11 @@ def _split(tree, keep_adapters: bool):
 
 
 def split(params) -> tuple[dict, dict]:
-  """(adapters, base): the lora_a/lora_b leaves, and everything else."""
-  return _split(params, True), _split(params, False)
+  """(trainable, base): the lora_a/lora_b leaves and any new head (FULLY_TRAINED),
+  and everything else."""
+  heads = {k: v for k, v in params.items() if k in FULLY_TRAINED}
+  rest = {k: v for k, v in params.items() if k not in FULLY_TRAINED}
+  return {**_split(rest, True), **heads}, _split(rest, False)
 
 
 def combine(base, adapters) -> dict:

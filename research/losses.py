@@ -48,6 +48,13 @@ def _mean(x):
   return jnp.mean(x.astype(jnp.float32))
 
 
+def pairwise_accuracy(chosen, rejected):
+  """Fraction of pairs ranked right, a tie counting one half (its expected value
+  under a random tie-break): 0.5 when policy = reference, where every implicit
+  reward is 0. (TRL counts ties as wrong, which reads 0 at step 0.)"""
+  return _mean(jnp.where(chosen > rejected, 1.0, jnp.where(chosen == rejected, 0.5, 0.0)))
+
+
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
              beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = 'sigmoid'):
   """Direct Preference Optimization and relatives; returns (batch-mean loss, metrics).
@@ -59,7 +66,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     robust   (-(1 - e) log sigma(beta h) + e log sigma(-beta h)) / (1 - 2e)
                                                                      robust DPO (Chowdhury et al., 2024)
   Implicit rewards: beta (log pi(y) - log ref(y)) for chosen and rejected;
-  metrics hold their means, the fraction with chosen > rejected, and the margin.
+  metrics hold their means, the fraction with chosen > rejected (ties count
+  one half: see pairwise_accuracy), and the margin.
   """
   h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
   e = label_smoothing
@@ -74,7 +82,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
   chosen = beta * (policy_chosen_logps - ref_chosen_logps)
   rejected = beta * (policy_rejected_logps - ref_rejected_logps)
   metrics = {'rewards/chosen': _mean(chosen), 'rewards/rejected': _mean(rejected),
-             'rewards/accuracies': _mean(chosen > rejected), 'rewards/margins': _mean(chosen - rejected)}
+             'rewards/accuracies': pairwise_accuracy(chosen, rejected),
+             'rewards/margins': _mean(chosen - rejected)}
   return _mean(losses), metrics
 
 
@@ -87,7 +96,7 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_tokens, reject
   rejected = beta * policy_rejected_logps / jnp.maximum(rejected_tokens, 1.0)
   losses = -jax.nn.log_sigmoid(chosen - rejected - gamma)
   return _mean(losses), {'rewards/chosen': _mean(chosen), 'rewards/rejected': _mean(rejected),
-                         'rewards/accuracies': _mean(chosen > rejected),
+                         'rewards/accuracies': pairwise_accuracy(chosen, rejected),
                          'rewards/margins': _mean(chosen - rejected)}
 
 
@@ -103,12 +112,12 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_tokens, rejecte
   ratio = jax.nn.log_sigmoid(log_odds)
   nll = -avg_c
   return _mean(nll - lam * ratio), {'nll': _mean(nll), 'log_odds_ratio': _mean(ratio),
-                                    'rewards/accuracies': _mean(log_odds > 0)}
+                                    'rewards/accuracies': pairwise_accuracy(log_odds, 0.0)}
 
 
 def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=0.0):
   """Reward-model loss (Bradley and Terry, 1952; Ouyang et al., 2022):
   mean of -log sigma(r(y_w) - r(y_l) - margin). Returns (loss, metrics)."""
   diff = chosen_rewards - rejected_rewards
-  return _mean(-jax.nn.log_sigmoid(diff - margin)), {'accuracy': _mean(diff > 0),
+  return _mean(-jax.nn.log_sigmoid(diff - margin)), {'accuracy': pairwise_accuracy(diff, 0.0),
                                                      'margin': _mean(diff)}

@@ -1,8 +1,9 @@
 """DPO stage: pair rendering, reference handling, memory with LoRA."""
 
+import itertools
 import json
 import os
-import random
+import re
 
 import jax
 import numpy as np
@@ -32,15 +33,47 @@ def test_pair_formats():
 
 
 def test_wrong_answers_are_wrong_and_close():
-  rng = random.Random(0)
-  for _, row in sft_sources.task_rows('train', 200):
-    q, a = row['messages'][0]['content'], row['answer']
-    w = pref_sources.wrong_answer(row['family'], q, a, rng)
+  kinds = set()
+  for _, row in pref_sources.task_pairs('train', 300):
+    w, a, kind = row['rejected'], row['chosen'], row['kind']
+    kinds.add((row['family'], kind))
     assert w != a
-    if row['family'] == 'add':
+    if kind == 'near':
       assert abs(int(w) - int(a)) in (1, 10)
+    elif kind == 'carry':  # forgetting the carry loses exactly ten
+      x, y = (int(v) for v in row['prompt'][8:-1].split(' + '))
+      assert x % 10 + y % 10 >= 10 and int(w) == int(a) - 10
+    elif kind == 'transposed':
+      assert sorted(w) == sorted(a) and w[0] != '0'
+    elif kind == 'unreversed':
+      assert w == row['prompt'].split(': ', 1)[1]
     else:
-      assert sorted(w.split()) == sorted(a.split()) or len(w.split()) == len(a.split()) + 1
+      assert kind == 'swapped' and sorted(w.split()) == sorted(a.split())
+  assert kinds == {('add', 'near'), ('add', 'carry'), ('add', 'transposed'), ('reverse', 'unreversed'),
+                   ('reverse', 'swapped'), ('sort', 'swapped')}
+
+
+def test_code_bugs_change_one_line():
+  import difflib
+  import keyword
+  seen = set()
+  for _, row in itertools.islice(pref_sources.code_pairs(True), 60):
+    chosen, rejected, kind = row['chosen'].splitlines(), row['rejected'].splitlines(), row['kind']
+    seen.add(kind)
+    removed = [l[1:] for l in difflib.ndiff(chosen, rejected) if l.startswith('- ')]
+    added = [l[1:] for l in difflib.ndiff(chosen, rejected) if l.startswith('+ ')]
+    assert len(removed) == 1, (kind, removed)
+    if kind == 'deleted_line':
+      assert not added and removed[0].strip() and not removed[0].strip().startswith(('#', '"', "'"))
+    else:
+      assert len(added) == 1 and len(added[0]) == len(removed[0])
+      names = lambda s: set(re.findall(r'[A-Za-z_]\w*', s)) - set(keyword.kwlist)
+      new_names = names(added[0]) - names(row['chosen'])
+      if kind == 'misspelled_name':  # a name used nowhere in the real function
+        assert len(new_names) == 1, new_names
+      else:
+        assert kind == 'swapped_operator' and not new_names
+  assert seen == {'deleted_line', 'misspelled_name', 'swapped_operator'}
 
 
 def _pair_batch(tok, n=4, seq_len=48):
@@ -88,14 +121,12 @@ def _bytes(tree):
 def test_lora_dpo_holds_one_copy_of_the_base(test_config, tmp_path):
   devices = jax.devices()[:1]
   full = trainer_lib.Trainer(_dpo_config(test_config), str(tmp_path / 'a'), dpo, devices=devices)
-  state, frozen, _ = full.setup_state(None)
-  reference = full.reference_params()
+  state, frozen, reference, _ = full.setup_state(None)
   base_bytes = _bytes(state.params)
   assert _bytes(frozen) == 0 and _bytes(reference) == base_bytes  # full DPO: policy + reference copy
 
   lora_t = trainer_lib.Trainer(_dpo_config(test_config, lora__rank=4), str(tmp_path / 'b'), dpo, devices=devices)
-  state, frozen, _ = lora_t.setup_state(None)
-  reference = lora_t.reference_params()
+  state, frozen, reference, _ = lora_t.setup_state(None)
   assert _bytes(frozen) == base_bytes and _bytes(reference) == 0
   assert _bytes(state.params) < 0.1 * base_bytes  # adapters only
 
@@ -109,3 +140,14 @@ def test_dpo_training_moves_rewards_and_keeps_reference(test_config, tmp_path):
   late = rows[-3:]
   assert np.mean([r['train/rewards/margins'] for r in late]) > 0
   assert np.mean([r['train/loss'] for r in late]) < np.log(2)
+
+
+def test_pairs_that_differ_only_beyond_seq_len_are_skipped(tok):
+  from research.stages import reward
+  long_pair = {'prompt': 'Q', 'chosen': 'a ' * 40 + 'x', 'rejected': 'a ' * 40 + 'y'}
+  short_pair = {'prompt': 'Q', 'chosen': 'x', 'rejected': 'y'}
+  rows = [{'json': json.dumps(long_pair)}, {'json': json.dumps(short_pair)}]
+  for render in (None, reward._RenderScoredPair(tok, 16, '')):  # pylint: disable=protected-access
+    ds = dpo.pair_dataset([rows], [1.0], tok, seq_len=16, batch_size=1, seed=0, shuffle=False,
+                          num_epochs=1, render=render)
+    assert len(list(ds)) == 1  # the short pair only

@@ -1,9 +1,12 @@
 """The dry run plans an 8B model on 8 fake devices without allocating it."""
 
+import importlib
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,3 +25,19 @@ def test_8b_dry_run_with_fsdp8():
   assert abs(report['param_bytes_per_device'] - 8.03e9 * 4 / 8) / (8.03e9 * 4 / 8) < 0.01
   assert abs(report['opt_state_bytes_per_device'] - 2 * report['param_bytes_per_device']) < 1e6
   assert not os.path.exists('/tmp/unused-dry-run/checkpoints')
+
+
+@pytest.mark.parametrize('stage', ['sft', 'dpo', 'reward'])
+def test_dry_run_compiles_each_post_training_stage(stage, tmp_path):
+  """Each stage's batch layout (pairs, loss masks) compiles without data or allocation."""
+  from research.training import trainer as trainer_lib
+  config = importlib.import_module(f'configs.{stage}').get_config('size=test')
+  config.dry_run = True
+  report = trainer_lib.train(config, str(tmp_path / 'run'))
+  m = config.model
+  dh = m.d_model // m.n_heads
+  per_layer = m.d_model * dh * (2 * m.n_heads + 2 * m.n_kv_heads) + 3 * m.d_model * m.d_ff + 2 * m.d_model
+  head = m.d_model * (1 if stage == 'reward' else m.vocab_size)  # score [D, 1] or lm_head [D, V]
+  assert report['params'] == m.vocab_size * m.d_model + m.n_layers * per_layer + m.d_model + head
+  assert report['compile_seconds'] > 0
+  assert not os.path.exists(tmp_path / 'run')

@@ -65,7 +65,7 @@ def test_lora_training_keeps_base_frozen_and_checkpoints_small(test_config, tmp_
   trainer_lib.train(cfg, run, devices=devices)
 
   t = trainer_lib.Trainer(cfg, run, pretrain, devices=devices)
-  state, frozen, _ = t.setup_state(ckpt_lib.Checkpointer(run))
+  state, frozen, _, _ = t.setup_state(ckpt_lib.Checkpointer(run))
   n_train = sum(x.size for x in jax.tree.leaves(state.params))
   n_all = n_train + sum(x.size for x in jax.tree.leaves(frozen))
   assert n_train / n_all < 0.05, n_train / n_all
@@ -106,7 +106,7 @@ def test_lora_run_exports_merged_weights(test_config, tmp_path):
   trainer_lib.train(cfg, run, devices=jax.devices()[:1])
   out = export.export(run, str(tmp_path / 'out'))
   t = trainer_lib.Trainer(cfg, run, pretrain, devices=jax.devices()[:1])
-  state, frozen, _ = t.setup_state(ckpt_lib.Checkpointer(run))
+  state, frozen, _, _ = t.setup_state(ckpt_lib.Checkpointer(run))
   tok = jnp.arange(16)[None] % 200
   want = np.asarray(t.model.apply({'params': t.full_params(state.params, frozen)}, tok)[0])
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)

@@ -72,6 +72,12 @@ def test_dpo_with_policy_equal_to_reference_is_ln2():
     assert float(one) == float(np.float32(np.log(2.0)))
     assert abs(float(loss) - float(one)) <= np.spacing(np.float32(np.log(2.0)))
     assert float(m['rewards/chosen']) == 0.0 and float(m['rewards/rejected']) == 0.0
+    assert float(m['rewards/accuracies']) == 0.5  # every pair a tie: half right in expectation
+
+
+def test_pairwise_accuracy_counts_ties_half():
+  chosen, rejected = np.array([1.0, 0.0, 2.0, 3.0]), np.array([0.0, 0.0, 5.0, 3.0])
+  assert float(losses.pairwise_accuracy(chosen, rejected)) == (1 + 0.5 + 0 + 0.5) / 4
 
 
 def test_simpo_orpo_bradley_terry_match_numpy():

@@ -63,6 +63,32 @@ def open_source(data_cfg, split: str):
                             text_key=data_cfg.text_key)
 
 
+def dataset_names(data_cfg) -> list[str]:
+  """The datasets of a mixture: data.name='a+b' -> ['a', 'b']."""
+  return [n for n in data_cfg.name.split('+') if n]
+
+
+def mix_weights(data_cfg, n: int) -> list[float]:
+  """Sampling weights of the `n` mixed datasets (data.mix_weights, default equal)."""
+  w = [float(x) for x in data_cfg.mix_weights] if data_cfg.mix_weights else [1.0] * n
+  if len(w) != n:
+    raise UserError(f'config.data.mix_weights has {len(w)} entries for {n} datasets in '
+                    f'data.name={data_cfg.name!r}.')
+  return w
+
+
+def open_named(data_cfg, name: str, split: str):
+  """The random-access source for `split` of one dataset of the mixture."""
+  return sources.open_split(name, split, data_dir=data_cfg.data_dir, files=data_cfg.files,
+                            text_key=data_cfg.text_key)
+
+
+def open_mixture(data_cfg, split: str) -> tuple[list[str], list[Any], list[float]]:
+  """(names, sources, weights) of the configured mixture's `split`."""
+  names = dataset_names(data_cfg)
+  return names, [open_named(data_cfg, n, split) for n in names], mix_weights(data_cfg, len(names))
+
+
 class _Tokenize(grain.transforms.Map):
   """Example -> {'inputs', 'targets'}: the document's tokens shifted by one."""
 

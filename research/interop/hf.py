@@ -12,6 +12,8 @@ Layout mapping (HF stores torch Linear weights as [out, in]):
     o_proj.weight [D, H*Dh]  -> attn/o/kernel [H, Dh, D]
     gate/up_proj  [F, D]     -> mlp/gate|up/kernel [D, F];   down_proj [D, F] -> [F, D]
     lm_head.weight [V, D]    -> lm_head/kernel [D, V]
+    score.weight [1, D]      -> score/kernel [D, 1]          (reward models, head='score':
+                                                              LlamaForSequenceClassification)
 HF checkpoints already use the "rotate half" RoPE layout that the model uses,
 so no permutation is needed.
 
@@ -65,7 +67,13 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
       rope_theta=float(hf.get('rope_theta', scaling.get('rope_theta', 10000.0))),
       norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
       tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
-      qkv_bias=kind == 'qwen2' or bool(hf.get('attention_bias', False)))
+      qkv_bias=kind == 'qwen2' or bool(hf.get('attention_bias', False)),
+      head='score' if any(a.endswith('ForSequenceClassification') for a in hf.get('architectures') or ())
+      else 'lm')
+  n_labels = hf.get('num_labels') or len(hf.get('id2label') or {}) or 1
+  if fields['head'] == 'score' and n_labels != 1:
+    raise UserError(f'a sequence classifier with {n_labels} labels: only scalar reward models '
+                    '(num_labels=1) are supported.')
   if hf.get('mlp_bias'):
     raise UserError('mlp_bias=True is not supported.')
   if rope_type == 'llama3':
@@ -84,9 +92,9 @@ def hf_config_from_model(cfg: ModelConfig, model_type: str = 'llama') -> dict:
   """config.json dict for `cfg` (Llama, or Qwen2 when q/k/v have biases)."""
   if cfg.qkv_bias and model_type in ('llama', 'mistral'):
     model_type = 'qwen2'  # the family whose attention has q/k/v (and no o) biases
+  family = {'llama': 'Llama', 'mistral': 'Mistral', 'qwen2': 'Qwen2'}[model_type]
   out = {
-      'architectures': [{'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
-                         'qwen2': 'Qwen2ForCausalLM'}[model_type]],
+      'architectures': [family + ('ForSequenceClassification' if cfg.head == 'score' else 'ForCausalLM')],
       'model_type': model_type, 'vocab_size': cfg.vocab_size, 'hidden_size': cfg.d_model,
       'num_hidden_layers': cfg.n_layers, 'num_attention_heads': cfg.n_heads,
       'num_key_value_heads': cfg.n_kv_heads, 'head_dim': cfg.dh, 'intermediate_size': cfg.d_ff,
@@ -94,6 +102,8 @@ def hf_config_from_model(cfg: ModelConfig, model_type: str = 'llama') -> dict:
       'tie_word_embeddings': cfg.tie_embeddings, 'hidden_act': 'silu',
       'max_position_embeddings': max(cfg.rope_original_max_len, 8192), 'torch_dtype': cfg.param_dtype,
   }
+  if cfg.head == 'score':
+    out['num_labels'] = 1  # a scalar reward, read at the last non-padding token
   if model_type == 'llama':
     out['attention_bias'] = False
   if model_type in ('mistral', 'qwen2'):
@@ -139,7 +149,9 @@ def _global_map(cfg: ModelConfig):
   same = (lambda x: x, lambda x: x)
   rows = [(('embed', 'embedding'), 'model.embed_tokens.weight', *same),
           (('final_norm', 'scale'), 'model.norm.weight', *same)]
-  if not cfg.tie_embeddings:
+  if cfg.head == 'score':
+    rows.append((('score', 'kernel'), 'score.weight', *t))
+  elif not cfg.tie_embeddings:
     rows.append((('lm_head', 'kernel'), 'lm_head.weight', *t))
   return rows
 
@@ -222,6 +234,8 @@ def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, mesh=No
   place = _placer(model, dtype, mesh, rules)
   params: dict = {}
   for ours, theirs, to_ours, _ in _global_map(cfg):
+    if ours[0] == 'score' and theirs not in reader.files:
+      continue  # a causal LM loaded as a reward model: the trainer initialises the new head
     _set(params, ours, place(ours, to_ours(reader.get(theirs))))
   for ours, theirs, to_ours, _ in _layer_map(cfg):
     layers = [to_ours(reader.get(f'model.layers.{i}.{theirs}')) for i in range(cfg.n_layers)]
@@ -256,6 +270,8 @@ def save_pretrained(path: str, model: Transformer, params, model_type: str = 'll
   if tokenizer is not None:
     hf_cfg.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                   pad_token_id=tokenizer.pad_id)
+  elif cfg.head == 'score':  # HF finds the scored (last) token by the pad id: ours is 0
+    hf_cfg['pad_token_id'] = 0
   with open(os.path.join(path, 'config.json'), 'w') as f:
     json.dump(hf_cfg, f, indent=2)
   tensors = {k: np.ascontiguousarray(v) for k, v in to_hf_state_dict(cfg, params).items()}

@@ -63,6 +63,9 @@ class ModelConfig:
   # with that implementation (cudnn needs a GPU and bf16/fp16 compute).
   attention_impl: str = 'einsum'
   init_std: float = 0.02
+  # lm: next-token logits [B, T, V]; score: one scalar per position [B, T, 1]
+  # (a reward model: `score` replaces the output layer, read at the last token).
+  head: str = 'lm'
   # LoRA (set from config.lora by the trainer): adapters on kernels whose path
   # ('layers_0/attn/q/kernel', ...) fully matches lora_targets.
   lora_rank: int = 0
@@ -114,12 +117,16 @@ def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
 def apply_rope(x_BTHD: Array, positions_BT: Array, inv_freq: Array) -> Array:
   """Rotary embedding, 'rotate half' layout (as in HF transformers)."""
   angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
-  sin = jnp.sin(angles_BTF)[:, :, None, :]
-  cos = jnp.cos(angles_BTF)[:, :, None, :]
-  x = x_BTHD.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BTHD.dtype)
+  sin = jnp.sin(angles_BTF)[:, :, None, None, :]
+  cos = jnp.cos(angles_BTF)[:, :, None, None, :]
+  # [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], written with the halves as an
+  # axis of size 2 and a flip of it instead of split + concatenate: same values,
+  # but XLA:CPU's concatenate fusions (forward and backward) are slow.
+  *lead, Dh = x_BTHD.shape
+  x = x_BTHD.astype(jnp.float32).reshape(*lead, 2, Dh // 2)
+  sin_signed = jnp.concatenate([-sin, sin], axis=3)  # [B, T, 1, 2, Dh/2], small
+  out = x * cos + jnp.flip(x, axis=3) * sin_signed
+  return out.reshape(x_BTHD.shape).astype(x_BTHD.dtype)
 
 
 def attention_mask(q_slots_BT: Array, q_seg_BT: Array, kv_slots_BS: Array, kv_seg_BS: Array) -> Array:
@@ -172,10 +179,15 @@ class Linear(nn.Module):
     shape = tuple(x.shape[-self.n_in:]) + tuple(self.features)
     kernel = self.param('kernel', nn.with_logical_partitioning(
         nn.initializers.normal(self.init_std), self.axes), shape, self.param_dtype)
-    contract = tuple(range(x.ndim - self.n_in, x.ndim))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((contract, tuple(range(self.n_in))), ((), ())),
+    # As one 2-D matmul [rows, in] x [in, out] (reshapes are free): with the
+    # leading dims (batch, length) kept apart, the kernel gradient contracts
+    # two dims, which XLA:CPU lowers to a transposed copy of the output
+    # gradient plus a slower matmul (about 2x the cost of the 2-D form).
+    n_in, n_out = math.prod(shape[:self.n_in]), math.prod(self.features)
+    y = jax.lax.dot_general(x.reshape(-1, n_in).astype(self.dtype),
+                            kernel.reshape(n_in, n_out).astype(self.dtype), (((1,), (0,)), ((), ())),
                             preferred_element_type=jnp.float32 if self.f32_output else None)
+    y = y.reshape(x.shape[:x.ndim - self.n_in] + tuple(self.features))
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
           nn.initializers.zeros, self.axes[self.n_in:]), tuple(self.features), self.param_dtype)
@@ -214,17 +226,46 @@ def _dense(cfg: ModelConfig, features, axes, name, *, n_in=1, use_bias=False, f3
                 lora=cfg if cfg.lora_rank > 0 else None, f32_output=f32_output, name=name)
 
 
+@jax.custom_vjp
+def _softmax(x):
+  """Softmax over the last axis whose backward uses only the probabilities.
+
+  Autodiff of jax.nn.softmax goes through its exp / sum / divide, and XLA:CPU then
+  keeps (materialises) several [B, H, T, S] intermediates; the closed form
+  p * (g - sum(g * p)) needs only p.
+  """
+  return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x):
+  p = _softmax(x)
+  return p, p
+
+
+def _softmax_bwd(p, g):
+  return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def _einsum_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, dtype):
   """Grouped-query attention with explicit matmuls; softmax in float32."""
   B, T, H, Dh = q_BTHD.shape
   K = k_BSKD.shape[2]
-  q_BTKGD = q_BTHD.reshape(B, T, K, H // K, Dh)
-  logits_BKGTS = jnp.einsum('btkgd,bskd->bkgts', q_BTKGD, k_BSKD,
-                            preferred_element_type=jnp.float32) / math.sqrt(Dh)
-  logits_BKGTS = jnp.where(mask_B1TS[:, :, None], logits_BKGTS, _MASK_VALUE)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dtype)
-  out_BTKGD = jnp.einsum('bkgts,bskd->btkgd', probs_BKGTS, v_BSKD)
-  return out_BTKGD.reshape(B, T, H, Dh)
+  # Scores in the matmul's natural output order (batch dims b k, then q's free
+  # dims, then s): with another order, or a unit g axis when H == K, XLA:CPU
+  # adds transposing copies of the [B, H, T, S] scores, forward and backward.
+  if H == K:
+    q, q_dims, s_dims, mask = q_BTHD, 'btkd', 'bkts', mask_B1TS
+  else:
+    q, q_dims, s_dims, mask = q_BTHD.reshape(B, T, K, H // K, Dh), 'btkgd', 'bktgs', mask_B1TS[:, :, :, None]
+  logits = jnp.einsum(f'{q_dims},bskd->{s_dims}', q, k_BSKD,
+                      preferred_element_type=jnp.float32) / math.sqrt(Dh)
+  logits = jnp.where(mask, logits, _MASK_VALUE)
+  probs = _softmax(logits).astype(dtype)
+  out = jnp.einsum(f'{s_dims},bskd->{q_dims}', probs, v_BSKD)
+  return out.reshape(B, T, H, Dh)
 
 
 class Attention(nn.Module):
@@ -263,6 +304,27 @@ class Attention(nn.Module):
     return out_BTD, new_cache
 
 
+@jax.custom_vjp
+def _swiglu(gate, up):
+  """silu(gate) * up, with a backward that recomputes sigmoid(gate): autodiff
+  makes XLA:CPU save silu's intermediates, three [B, T, F] passes forward
+  instead of one."""
+  return nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+  return _swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, g):
+  gate, up = res
+  sig = jax.nn.sigmoid(gate)
+  return g * up * (sig * (1 + gate * (1 - sig))), g * gate * sig
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class MLP(nn.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
@@ -273,7 +335,7 @@ class MLP(nn.Module):
     cfg = self.cfg
     gate_BTF = _dense(cfg, cfg.d_ff, ('embed', 'mlp'), 'gate')(x_BTD)
     up_BTF = _dense(cfg, cfg.d_ff, ('embed', 'mlp'), 'up')(x_BTD)
-    h_BTF = nn.with_logical_constraint(nn.silu(gate_BTF) * up_BTF, ('batch', 'length', 'mlp'))
+    h_BTF = nn.with_logical_constraint(_swiglu(gate_BTF, up_BTF), ('batch', 'length', 'mlp'))
     return _dense(cfg, cfg.d_model, ('mlp', 'embed'), 'down')(h_BTF)
 
 
@@ -310,7 +372,7 @@ def _block_class(cfg: ModelConfig):
 
 
 class Transformer(nn.Module):
-  """Decoder-only transformer returning float32 logits [B, T, V]."""
+  """Decoder-only transformer returning float32 logits [B, T, V] (or scores [B, T, 1])."""
 
   cfg: ModelConfig
 
@@ -326,7 +388,8 @@ class Transformer(nn.Module):
         this call's tokens go to cache slots [cache['index'], +T).
 
     Returns:
-      (logits_BTV in float32, the updated cache or None).
+      (logits_BTV in float32, the updated cache or None). With cfg.head='score'
+      the first output is the per-position scalar score [B, T, 1] instead.
     """
     cfg = self.cfg
     B, T = tokens_BT.shape
@@ -371,12 +434,15 @@ class Transformer(nn.Module):
 
     x_BTD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name='final_norm')(x_BTD)
     # Logits accumulate in float32 even with bfloat16 compute: the loss needs them exact.
-    if cfg.tie_embeddings:
+    if cfg.head == 'score':
+      logits_BTV = _dense(cfg, 1, ('embed', None), 'score', f32_output=True)(x_BTD)
+    elif cfg.tie_embeddings:
       logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, embed.embedding.astype(cfg.dtype),
                               preferred_element_type=jnp.float32)
     else:
       logits_BTV = _dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'lm_head', f32_output=True)(x_BTD)
-    logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ('batch', 'length', 'vocab'))
+    out_axis = None if cfg.head == 'score' else 'vocab'
+    logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ('batch', 'length', out_axis))
 
     new_cache = None
     if cache is not None:

@@ -9,13 +9,15 @@ and optionally:
   needs_reference = True: loss gets `reference=` the frozen initial parameters
   evaluate(trainer, params, tokenizer) -> dict of extra eval metrics
   prompt_ids(tokenizer, text), stop_tokens(tokenizer): the sampling format
+  BATCH_KEYS: the names of a batch's [batch, length] arrays (for dry runs;
+    default: inputs, targets, segment_ids, positions)
 """
 
 import importlib
 
 from research.errors import UserError
 
-STAGES = ('pretrain', 'sft', 'dpo')
+STAGES = ('pretrain', 'sft', 'dpo', 'reward')
 
 
 def get_stage(name: str):

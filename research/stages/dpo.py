@@ -30,7 +30,8 @@ from research.stages import sft
 
 needs_reference = True
 REFERENCE_FREE = ('simpo', 'orpo')
-_SIDES = ('chosen', 'rejected')
+SIDES = ('chosen', 'rejected')
+BATCH_KEYS = tuple(f'{side}_{k}' for side in SIDES for k in sft.BATCH_KEYS)
 
 
 def pair_messages(example, text_key: str = ''):
@@ -43,7 +44,7 @@ def pair_messages(example, text_key: str = ''):
     prompt = json.loads(prompt) if isinstance(prompt, str) and prompt.startswith('[{') else prompt
     history = [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else list(prompt)
     out = []
-    for side in _SIDES:
+    for side in SIDES:
       reply = row[side]
       msgs = history + ([{'role': 'assistant', 'content': reply}] if isinstance(reply, str) else list(reply))
       msgs = chat.to_messages({'messages': msgs})
@@ -56,7 +57,8 @@ def pair_messages(example, text_key: str = ''):
 
 
 class _RenderPair(grain.transforms.Map):
-  """Row -> padded chosen_* and rejected_* arrays [seq_len], or None if malformed."""
+  """Row -> padded chosen_* and rejected_* arrays [seq_len], or None if malformed
+  or if the two sides are the same within seq_len."""
 
   def __init__(self, tokenizer: Tokenizer, seq_len: int, text_key: str):
     self.tokenizer, self.seq_len, self.text_key = tokenizer, seq_len, text_key
@@ -67,7 +69,7 @@ class _RenderPair(grain.transforms.Map):
       return None
     out = {}
     T = self.seq_len
-    for side, messages in zip(_SIDES, pair):
+    for side, messages in zip(SIDES, pair):
       ids, weights = chat.render(messages, self.tokenizer, mask='completion')
       ids, weights = ids[:T + 1], weights[:T + 1]
       n = len(ids) - 1
@@ -77,38 +79,37 @@ class _RenderPair(grain.transforms.Map):
       out[f'{side}_loss_mask'] = pad(weights[1:])
       out[f'{side}_segment_ids'] = (np.arange(T) < n).astype(np.int32)
       out[f'{side}_positions'] = np.where(np.arange(T) < n, np.arange(T), 0).astype(np.int32)
+    if np.array_equal(out['chosen_inputs'], out['rejected_inputs']) and np.array_equal(
+        out['chosen_targets'], out['rejected_targets']):
+      return None  # the replies differ only beyond seq_len: nothing to prefer
     return out
 
 
 def pair_dataset(sources_list, weights, tokenizer, *, seq_len, batch_size, seed, text_key='',
-                 shuffle=True, num_epochs=None):
-  """Batches of preference pairs, one pair per row on each side."""
+                 shuffle=True, num_epochs=None, render=None):
+  """Batches of preference pairs, one pair per row on each side. `render` maps a
+  row to the arrays of both sides (default: the DPO arrays, _RenderPair)."""
+  render = render or _RenderPair(tokenizer, seq_len, text_key)
   ds = pipeline.mixed_source(sources_list, weights, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
-  ds = ds.map(_RenderPair(tokenizer, seq_len, text_key)).filter(lambda x: x is not None)
+  ds = ds.map(render).filter(lambda x: x is not None)
   return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)
 
 
-def _sources(config, split):
-  d = config.data
-  names = sft._names(d)  # pylint: disable=protected-access
-  return [sft._open(d, n, split) for n in names], sft._weights(d, len(names))  # pylint: disable=protected-access
-
-
-def train_dataset(config, tokenizer):
-  """The shuffled, mixed, repeating stream of pair batches."""
-  srcs, weights = _sources(config, config.data.train_split)
-  for name, src in zip(sft._names(config.data), srcs):  # pylint: disable=protected-access
+def train_dataset(config, tokenizer, render=None):
+  """The shuffled, mixed, repeating stream of pair batches (`render`: see pair_dataset)."""
+  names, srcs, weights = pipeline.open_mixture(config.data, config.data.train_split)
+  for name, src in zip(names, srcs):
     sft.check_rows(src, name, config.data.text_key, parse=pair_messages,
                    expected='"prompt", "chosen" and "rejected"')
   return pair_dataset(srcs, weights, tokenizer, seq_len=config.seq_len, batch_size=config.batch_size,
-                      seed=config.seed, text_key=config.data.text_key)
+                      seed=config.seed, text_key=config.data.text_key, render=render)
 
 
-def eval_batches(config, tokenizer):
+def eval_batches(config, tokenizer, render=None):
   """Held-out pair batches, in storage order."""
-  srcs, weights = _sources(config, config.data.eval_split)
+  _, srcs, weights = pipeline.open_mixture(config.data, config.data.eval_split)
   ds = pair_dataset(srcs, weights, tokenizer, seq_len=config.seq_len, batch_size=config.batch_size,
-                    seed=0, text_key=config.data.text_key, shuffle=False, num_epochs=1)
+                    seed=0, text_key=config.data.text_key, shuffle=False, num_epochs=1, render=render)
   return pipeline.take_batches(ds, config.eval_batches)
 
 
@@ -157,5 +158,5 @@ prompt_ids = sft.prompt_ids
 stop_tokens = sft.stop_tokens
 evaluate = sft.evaluate
 
-__all__ = ['make_loss', 'loss', 'pair_logps', 'pair_dataset', 'train_dataset', 'eval_batches',
+__all__ = ['SIDES', 'pair_messages', 'make_loss', 'loss', 'pair_logps', 'pair_dataset', 'train_dataset', 'eval_batches',
            'evaluate']

@@ -16,28 +16,12 @@ import grain
 import numpy as np
 
 from research import losses, sampling
-from research.data import chat, pipeline, sources
+from research.data import chat, pipeline
 from research.data.tokenizer import Tokenizer
 from research.errors import UserError
 
 _SCAN_LIMIT = 200_000  # rows checked for malformed examples at start-up
-
-
-def _names(data_cfg) -> list[str]:
-  return [n for n in data_cfg.name.split('+') if n]
-
-
-def _weights(data_cfg, n: int) -> list[float]:
-  w = [float(x) for x in data_cfg.mix_weights] if data_cfg.mix_weights else [1.0] * n
-  if len(w) != n:
-    raise UserError(f'config.data.mix_weights has {len(w)} entries for {n} datasets in '
-                    f'data.name={data_cfg.name!r}.')
-  return w
-
-
-def _open(data_cfg, name: str, split: str):
-  return sources.open_split(name, split, data_dir=data_cfg.data_dir, files=data_cfg.files,
-                            text_key=data_cfg.text_key)
+BATCH_KEYS = ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')
 
 
 def example_messages(example, text_key: str = '') -> list[dict] | None:
@@ -115,11 +99,10 @@ def sft_dataset(sources_list, weights, tokenizer, *, seq_len: int, batch_size: i
 def train_dataset(config, tokenizer):
   """The shuffled, mixed, repeating stream of training batches."""
   d = config.data
-  names = _names(d)
-  srcs = [_open(d, n, d.train_split) for n in names]
+  names, srcs, weights = pipeline.open_mixture(d, d.train_split)
   for n, src in zip(names, srcs):
     check_rows(src, n, d.text_key)
-  return sft_dataset(srcs, _weights(d, len(names)), tokenizer, seq_len=config.seq_len,
+  return sft_dataset(srcs, weights, tokenizer, seq_len=config.seq_len,
                      batch_size=config.batch_size, seed=config.seed, mask=config.sft.loss_mask,
                      packing=config.sft.packing, text_key=d.text_key)
 
@@ -127,9 +110,8 @@ def train_dataset(config, tokenizer):
 def eval_batches(config, tokenizer):
   """Held-out batches for the response loss: the validation splits, in order."""
   d = config.data
-  names = _names(d)
-  srcs = [_open(d, n, d.eval_split) for n in names]
-  ds = sft_dataset(srcs, _weights(d, len(names)), tokenizer, seq_len=config.seq_len,
+  _, srcs, weights = pipeline.open_mixture(d, d.eval_split)
+  ds = sft_dataset(srcs, weights, tokenizer, seq_len=config.seq_len,
                    batch_size=config.batch_size, seed=0, mask=config.sft.loss_mask,
                    packing=config.sft.packing, text_key=d.text_key, shuffle=False, num_epochs=1)
   return pipeline.take_batches(ds, config.eval_batches)
@@ -178,7 +160,7 @@ def exact_match(model, params, tokenizer: Tokenizer, rows: list[dict], *, max_ne
 
 def _task_rows(config) -> list[dict]:
   import json  # pylint: disable=import-outside-toplevel
-  src = _open(config.data, 'sft_tasks', 'validation')
+  src = pipeline.open_named(config.data, 'sft_tasks', 'validation')
   rows = [json.loads(src[i]['json']) for i in range(len(src))]
   rows.sort(key=lambda r: (r['family'], r['messages'][0]['content']))
   n = config.task_eval.examples

@@ -80,8 +80,23 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(workdir: str, abstract_params: Any) -> tuple[Any, int]:
-  """Parameters of the latest checkpoint of another run (for init_from)."""
+def _saved_param_names(path: str, step: int) -> set[str]:
+  """Top-level module names in a checkpoint's params item (from metadata only)."""
+  with ocp.CheckpointManager(path, item_names=_ITEMS,
+                             item_handlers={'params': ocp.StandardCheckpointHandler()}) as manager:
+    meta = manager.item_metadata(step)['params']
+  return set(getattr(meta, 'tree', meta))
+
+
+def restore_params(workdir: str, abstract_params: Any, *,
+                   optional: tuple[str, ...] = ()) -> tuple[Any, int]:
+  """Parameters of the latest checkpoint of another run (for init_from).
+
+  `optional` names top-level modules that the checkpoint may lack (a reward
+  model's new `score` head when init_from is a language model); the result then
+  lacks them too, and the checkpoint's leaves the model has no use for (that
+  language model's output layer) are skipped. Any other mismatch is an error.
+  """
   path = checkpoint_dir(workdir)
   if not os.path.isdir(path):
     raise UserError(f'init_from={workdir!r} has no checkpoints/ directory; point it at the '
@@ -91,11 +106,26 @@ def restore_params(workdir: str, abstract_params: Any) -> tuple[Any, int]:
   if step is None:
     raise UserError(f'init_from={workdir!r} holds no complete checkpoint.')
   try:
-    out = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params)))
+    if optional:
+      saved = _saved_param_names(path, step)
+      abstract_params = {k: v for k, v in abstract_params.items()
+                         if k not in optional or k in saved}
+      restore = ocp.args.PyTreeRestore(
+          abstract_params, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params),
+          partial_restore=True)
+    else:
+      restore = ocp.args.StandardRestore(abstract_params)
+    out = manager.restore(step, args=ocp.args.Composite(params=restore))
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f'init_from={workdir!r}: its parameters do not fit this model '
                     f'({type(e).__name__}: {str(e).splitlines()[0][:300]}); the model config '
                     'must match the one that run used.') from None
   manager.close()
+  # A partial restore leaves what the checkpoint lacks as abstract leaves: a mismatch.
+  missing = [jax.tree_util.keystr(path) for path, leaf in
+             jax.tree_util.tree_flatten_with_path(out['params'])[0] if not isinstance(leaf, jax.Array)]
+  if missing:
+    raise UserError(f'init_from={workdir!r}: its parameters do not fit this model (it lacks '
+                    f'{", ".join(missing[:3])}{" ..." if len(missing) > 3 else ""}); the model config '
+                    'must match the one that run used.')
   return out['params'], step

@@ -62,6 +62,9 @@ def build_model(config) -> Transformer:
     raise UserError(f'config.model.n_kv_heads={cfg.n_kv_heads} must divide n_heads={cfg.n_heads}.')
   if cfg.dh % 2:
     raise UserError(f'config.model head dim {cfg.dh} must be even for rotary embeddings.')
+  if cfg.head not in ('lm', 'score'):
+    raise UserError(f"config.model.head={cfg.head!r}; choose 'lm' (next-token logits) or 'score' "
+                    '(a scalar per position, for reward models).')
   if cfg.attention_impl not in ('einsum', 'xla', 'cudnn'):
     raise UserError(f'config.model.attention_impl={cfg.attention_impl!r}; choose einsum, xla or cudnn.')
   if cfg.remat not in ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims'):
@@ -99,6 +102,23 @@ def validate_run(config, mesh, rules) -> None:
   if s.temperature < 0 or not 0 < s.top_p <= 1 or not 0 <= s.top_k <= config.model.vocab_size:
     raise UserError(f'config.sample: need temperature >= 0, 0 < top_p <= 1 and 0 <= top_k <= vocab '
                     f'(got {s.temperature}, {s.top_p}, {s.top_k}).')
+
+
+# Top-level modules that a head adds and a language model's checkpoint lacks.
+NEW_HEADS = ('score',)
+
+
+def _overlay(tree, base):
+  """`tree` with every leaf that `base` holds replaced by base's."""
+  if not isinstance(tree, dict):
+    return base
+  return {k: _overlay(v, base[k]) if k in base else v for k, v in tree.items()}
+
+
+@jax.jit
+def _copy(tree):
+  """A copy in new buffers (same shardings), safe to keep when the original is donated."""
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
 def _with_shardings(abstract, shardings):
@@ -172,72 +192,73 @@ class Trainer:
 
   # ---- state ------------------------------------------------------------------
 
-  def init_state(self) -> tuple[TrainState, Any]:
-    """(fresh state, frozen params), created already sharded (no full copy on any host)."""
+  def init_state(self, base=None) -> tuple[TrainState, Any]:
+    """(fresh state, frozen params), created already sharded (no full copy on any host).
+
+    `base`, loaded weights (the full tree, or with LoRA the frozen base; either
+    may lack a new head), replaces the random values it covers: jit drops their
+    random init, and base's buffers are donated, so there is one copy at peak.
+    """
     seed = self.config.seed
 
-    def init(rng):
-      trainable, frozen = self._split(nn.meta.unbox(self._init_params_boxed(rng)))
+    def init(rng, base):
+      full = nn.meta.unbox(self._init_params_boxed(rng))
+      trainable, frozen = self._split(_overlay(full, base))
       state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                          opt_state=self.tx.init(trainable),
                          rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
       return state, frozen
 
     with self._context():
-      return jax.jit(init, out_shardings=(self.state_shardings, self.frozen_shardings))(
-          jax.random.PRNGKey(seed))
+      return jax.jit(init, out_shardings=(self.state_shardings, self.frozen_shardings),
+                     donate_argnums=(1,))(jax.random.PRNGKey(seed), base or {})
 
   def load_init_from(self):
-    """Base parameters of init_from (a run's workdir, or hf:<dir>), placed sharded."""
+    """Base parameters of init_from (a run's workdir, or hf:<dir>), placed sharded:
+    the full tree, or with LoRA the frozen base. A new head (a reward model's
+    `score`) may be missing from them; init_state initialises it."""
     src = self.config.init_from
     if src.startswith(HF_PREFIX):
       from research.interop import hf  # pylint: disable=import-outside-toplevel
       _, params = hf.load_pretrained(
           src[len(HF_PREFIX):], dtype=self.model.cfg.param_dtype, compute_dtype=self.model.cfg.dtype,
           mesh=self.mesh, rules=self.rules, remat=self.model.cfg.remat,
-          scan_layers=self.model.cfg.scan_layers)
-      return params
+          scan_layers=self.model.cfg.scan_layers, head=self.model.cfg.head)
+      return self._split(params)[1] if self.use_lora else params
     base_abstract = self.abstract_frozen if self.use_lora else self.abstract_params
     base_shardings = self.frozen_shardings if self.use_lora else self.param_shardings
-    return ckpt_lib.restore_params(src, _with_shardings(base_abstract, base_shardings))[0]
+    return ckpt_lib.restore_params(src, _with_shardings(base_abstract, base_shardings),
+                                   optional=NEW_HEADS)[0]
 
-  def with_params(self, state: TrainState, params) -> TrainState:
-    """`state` with new parameters and a fresh optimizer state for them."""
-    with self._context():
-      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
-    return state.replace(params=params, opt_state=opt_state)
+  def setup_state(self, ckpt, with_reference: bool = True) -> tuple[TrainState, Any, Any, dict | None]:
+    """(state, frozen, reference, data iterator state or None): resumed from the
+    latest checkpoint, else fresh, warm-started from init_from when set.
 
-  def setup_state(self, ckpt) -> tuple[TrainState, Any, dict | None]:
-    """(state, frozen, data iterator state or None): resumed from the latest
-    checkpoint, else fresh, warm-started from init_from when set."""
+    `reference` is the frozen copy of the initial parameters for stages that
+    need one (DPO without LoRA) and `with_reference`, else {}.
+    """
+    keep_reference = self.keeps_reference_copy and with_reference
     latest = ckpt.latest_step() if ckpt is not None else None
     if latest is not None:
       state, data_state = ckpt.restore(latest, self.abstract_state)
       frozen = {}
       if self.use_lora:  # the base is not in the checkpoint: rebuild it exactly
         frozen = self.load_init_from() if self.config.init_from else self.init_state()[1]
-      return state, frozen, data_state
-    state, frozen = self.init_state()
-    if self.config.init_from:
-      base = self.load_init_from()
-      if self.use_lora:
-        frozen = base
-      else:
-        state = self.with_params(state, base)
-    return state, frozen, None
+      reference = {}
+      if keep_reference:
+        reference = self.load_init_from() if self.config.init_from else self.init_state()[0].params
+      return state, frozen, reference, data_state
+    base = self.load_init_from() if self.config.init_from else None
+    reference = {}
+    if keep_reference:  # before init_state donates base's buffers
+      reference = _copy(base) if base is not None else self.init_state()[0].params
+    state, frozen = self.init_state(base)
+    return state, frozen, reference, None
 
   def full_params(self, params, frozen):
     """The model's parameter tree from trainable and frozen parts."""
     from research import lora  # pylint: disable=import-outside-toplevel
     return lora.combine(frozen, params)
-
-  def reference_params(self):
-    """The frozen reference copy (full fine-tuning with a reference stage), else {}."""
-    if not self.keeps_reference_copy:
-      return {}
-    if self.config.init_from:
-      return self.load_init_from()
-    return self.init_state()[0].params
 
   def _call_loss(self, params, frozen, reference, batch, rng):
     full = self.full_params(params, frozen)
@@ -415,7 +436,7 @@ def apply_hf_architecture(config) -> None:
     raise UserError(f'init_from={config.init_from!r}: no config.json in {path}.')
   with open(cfg_path) as f:
     arch = hf.model_config_from_hf(json.load(f))
-  keep = ('dtype', 'param_dtype', 'remat', 'scan_layers', 'init_std')
+  keep = ('dtype', 'param_dtype', 'remat', 'scan_layers', 'init_std', 'head')
   with config.unlocked():
     for field in ModelConfig.__dataclass_fields__:
       if field not in keep:
@@ -444,6 +465,29 @@ def load_tokenizer(config, workdir: str) -> Tokenizer:
   return tok
 
 
+def load_run(workdir: str) -> tuple[Trainer, Any, Tokenizer | None]:
+  """(trainer, full parameters, tokenizer or None) of a run's latest checkpoint,
+  on one device: for export, scoring and evaluation outside training."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from research.stages import get_stage  # pylint: disable=import-outside-toplevel
+  cfg_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(cfg_path):
+    raise UserError(f'{workdir} has no config.json; point at a training run\'s workdir.')
+  with open(cfg_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  ckpt = ckpt_lib.Checkpointer(workdir)
+  if ckpt.latest_step() is None:
+    raise UserError(f'{workdir} has no complete checkpoint.')
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  config.optimizer.grad_accum_steps = 1
+  trainer = Trainer(config, workdir, get_stage(config.stage), devices=jax.devices()[:1])
+  state, frozen, _, _ = trainer.setup_state(ckpt, with_reference=False)
+  ckpt.close()
+  tok_path = os.path.join(workdir, 'tokenizer.model')
+  tokenizer = Tokenizer.load(tok_path) if os.path.exists(tok_path) else None
+  return trainer, trainer.full_params(state.params, frozen), tokenizer
+
+
 def train(config, workdir: str, devices=None) -> dict[str, Any]:
   """Runs (or resumes) a training run in `workdir`; returns the last metrics.
 
@@ -469,8 +513,7 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
 
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   writer = MetricWriter(workdir)
-  state, frozen, data_state = trainer.setup_state(ckpt)
-  reference = trainer.reference_params()
+  state, frozen, reference, data_state = trainer.setup_state(ckpt)
   start = int(jax.device_get(state.step))
   if data_state is not None:
     data_iter.set_state(data_state)
@@ -515,7 +558,7 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
         writer.write(step, ev)
         last.update(ev)
         log(f'step {step} | {_eval_summary(ev)}')
-        if config.sample.prompts:  # every process runs the sharded sampler; process 0 prints
+        if config.sample.prompts and trainer.model.cfg.head == 'lm':  # every process runs the sharded sampler; process 0 prints
           for line in trainer.samples(trainer.full_params(state.params, frozen), tokenizer):
             log('  sample ' + line)
         t_interval += time.time() - eval_start  # evaluation time is not training throughput
@@ -529,7 +572,8 @@ def dry_run(trainer: Trainer) -> dict[str, Any]:
   """Compiles the train step on abstract inputs and reports sizes, memory and FLOPs."""
   c = trainer.config
   abstract_batch = jax.ShapeDtypeStruct((c.batch_size, c.seq_len), jnp.int32, sharding=trainer.batch_sharding)
-  batch = {k: abstract_batch for k in ('inputs', 'targets', 'segment_ids', 'positions')}
+  keys = getattr(trainer.stage, 'BATCH_KEYS', ('inputs', 'targets', 'segment_ids', 'positions'))
+  batch = {k: abstract_batch for k in keys}
   t0 = time.time()
   with trainer._context():  # pylint: disable=protected-access
     frozen = _with_shardings(trainer.abstract_frozen, trainer.frozen_shardings)

@@ -1,0 +1,47 @@
+"""Reward model: a scalar `score` head on the transformer, Bradley-Terry loss on
+preference pairs, optionally with LoRA.
+
+The CPU demo (after SFT wrote runs/sft):
+
+    python -m research.main --config=configs/reward.py:size=tiny --workdir=runs/reward \
+        --config.init_from=runs/sft
+
+The backbone comes from init_from (its output layer is dropped), the score head
+starts random. Data as in configs/dpo.py: 'pref_tasks' + 'pref_code', or JSONL
+rows {"prompt", "chosen", "rejected"} via data.name=files. Logs eval/accuracy.
+Load the result for online RL with research.stages.reward.load_reward_model.
+Presets: size=tiny|7b|8b, mode=full|lora.
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config(arg=None):
+  """Returns the reward-model config for `arg` ('size=tiny,mode=full' by default)."""
+  args = base.parse_arg(arg, size='tiny', mode='full')
+  c = base.base_config('reward', args['size'])
+  c.model.head = 'score'
+  c.data.name = 'pref_tasks+pref_code'
+  c.data.text_key = ''
+  c.data.mix_weights = (0.8, 0.2)
+  c.reward = ml_collections.ConfigDict(dict(
+      margin=0.0,         # subtracted from r_chosen - r_rejected inside the sigmoid
+      center_coef=0.01))  # + coef * mean((r_chosen + r_rejected)^2) keeps rewards near 0
+  c.sample.prompts = ()  # a reward model does not generate
+  c.optimizer.weight_decay = 0.0
+  if args['size'] == 'tiny':
+    c.steps, c.seq_len, c.batch_size = 400, 128, 16
+    c.eval_every, c.eval_batches = 200, 8
+    c.optimizer.lr, c.optimizer.warmup_steps = 3e-4, 20
+  else:
+    c.steps, c.seq_len, c.batch_size = 1000, 2048, 64
+    c.optimizer.lr, c.optimizer.warmup_steps = 9e-6, 50
+  if args['mode'] == 'lora':
+    c.lora.rank, c.lora.alpha = (8, 16.0) if args['size'] == 'tiny' else (16, 32.0)
+    c.lora.targets = 'attention_up_down' if args['size'] == 'tiny' else 'all_linear'
+    c.optimizer.lr = 3e-3 if args['size'] == 'tiny' else 1e-4
+  elif args['mode'] != 'full':
+    raise ValueError(f"mode={args['mode']!r}; choose full or lora")
+  return c
