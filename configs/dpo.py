@@ -33,8 +33,8 @@ def get_config(arg=None):
   c.sample.temperature = 0.0
   c.optimizer.weight_decay = 0.0
   if args['size'] == 'tiny':
-    c.steps, c.seq_len, c.batch_size = 400, 128, 16
-    c.eval_every, c.eval_batches = 200, 8
+    c.steps, c.seq_len, c.batch_size = 500, 128, 16
+    c.eval_every, c.eval_batches = 250, 8
     c.optimizer.lr, c.optimizer.warmup_steps = 1e-4, 20
     c.dpo.rpo_alpha = 1.0  # the tiny model otherwise forgets how to answer
   else:
