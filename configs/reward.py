@@ -32,7 +32,7 @@ def get_config(arg=None):
   c.sample.prompts = ()  # a reward model does not generate
   c.optimizer.weight_decay = 0.0
   if args['size'] == 'tiny':
-    c.steps, c.seq_len, c.batch_size = 1200, 128, 16  # held-out accuracy 0.81 at 400 steps, 0.85 at 1200
+    c.steps, c.seq_len, c.batch_size = 1200, 128, 16  # held-out accuracy: 0.81 (400 steps), 0.85
     c.eval_every, c.eval_batches = 600, 8
     c.optimizer.lr, c.optimizer.warmup_steps = 3e-4, 20
   else:
