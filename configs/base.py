@@ -84,6 +84,14 @@ def task_eval_config() -> ml_collections.ConfigDict:
                                         max_new_tokens=24))
 
 
+def use_preference_data(c: ml_collections.ConfigDict) -> None:
+  """The embedded preference pairs (DPO, reward models): generated tasks and stdlib
+  code, as raw JSON rows."""
+  c.data.name = 'pref_tasks+pref_code'
+  c.data.text_key = ''
+  c.data.mix_weights = (0.8, 0.2)
+
+
 def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
   """The keys every stage has, sized for `size`."""
   batch_size, seq_len, steps, lr = RUN_PRESETS[size] if size in RUN_PRESETS else RUN_PRESETS['tiny']

@@ -21,9 +21,7 @@ def get_config(arg=None):
   """Returns the DPO config for `arg` ('size=tiny,mode=full' by default)."""
   args = base.parse_arg(arg, size='tiny', mode='full')
   c = base.base_config('dpo', args['size'])
-  c.data.name = 'pref_tasks+pref_code'
-  c.data.text_key = ''
-  c.data.mix_weights = (0.8, 0.2)
+  base.use_preference_data(c)
   c.dpo = ml_collections.ConfigDict(dict(
       loss_type='sigmoid',  # sigmoid | ipo | robust | simpo | orpo
       beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, orpo_lambda=0.1,

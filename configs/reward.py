@@ -23,9 +23,7 @@ def get_config(arg=None):
   args = base.parse_arg(arg, size='tiny', mode='full')
   c = base.base_config('reward', args['size'])
   c.model.head = 'score'
-  c.data.name = 'pref_tasks+pref_code'
-  c.data.text_key = ''
-  c.data.mix_weights = (0.8, 0.2)
+  base.use_preference_data(c)
   c.reward = ml_collections.ConfigDict(dict(
       margin=0.0,         # subtracted from r_chosen - r_rejected inside the sigmoid
       center_coef=0.01))  # + coef * mean((r_chosen + r_rejected)^2) keeps rewards near 0

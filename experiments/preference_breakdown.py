@@ -7,7 +7,8 @@ datasets (not just the few eval batches the trainer logs) and prints a table:
 for a reward run, the share of pairs whose chosen reply gets the higher reward;
 for a DPO run, the share whose implicit reward beta * log(pi / pi_ref) is
 higher for the chosen reply (TRL's rewards/accuracies), with pi_ref the
-run's reference (its init_from, or with LoRA the base with adapters off).
+run's reference (its init_from, or with LoRA the base with adapters off). A tie
+counts one half, as in research.losses.pairwise_accuracy.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import collections
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from research import lora
 from research.data import pref_sources
 from research.stages import dpo, reward
 from research.training import trainer as trainer_lib
@@ -31,19 +34,23 @@ def validation_rows() -> list[dict]:
 
 
 def dpo_margins(workdir: str, rows: list[dict]) -> np.ndarray:
-  """log(pi/pi_ref)(chosen) - log(pi/pi_ref)(rejected) for each row."""
+  """log(pi/pi_ref)(chosen) - log(pi/pi_ref)(rejected) for each row (0, a tie, for a
+  pair the DPO pipeline skips because its replies differ only beyond seq_len)."""
   trainer, params, tokenizer = trainer_lib.load_run(workdir)
-  if trainer.use_lora:  # the reference is the same base with the adapters off
-    reference = jax.tree_util.tree_map_with_path(
-        lambda p, x: x * 0 if 'lora_b' in jax.tree_util.keystr(p) else x, params)
+  if trainer.use_lora:  # the reference is the same base with the adapters off, as in training
+    adapters, base = lora.split(params)
+    reference = lora.combine(base, jax.tree.map(jnp.zeros_like, adapters))
   else:
     reference = trainer.load_init_from()
   logps = jax.jit(lambda p, b: dpo.pair_logps(trainer.model, p, b)[:2])
+  render = dpo.RenderPair(tokenizer, trainer.config.seq_len, '')
   out = []
   for row in rows:  # one pair per batch: no padding beyond the pair itself
-    batch = next(iter(dpo.pair_dataset([[{'json': json.dumps(row)}]], [1.0], tokenizer,
-                                       seq_len=trainer.config.seq_len, batch_size=1, seed=0,
-                                       shuffle=False, num_epochs=1)))
+    arrays = render.map({'json': json.dumps(row)})
+    if arrays is None:
+      out.append(0.0)
+      continue
+    batch = {k: v[None] for k, v in arrays.items()}
     pc, pr = logps(params, batch)
     rc, rr = logps(reference, batch)
     out.append(float((pc - rc)[0] - (pr - rr)[0]))
@@ -66,18 +73,19 @@ def main() -> None:
     stage = json.load(f)['stage']
   rows = validation_rows()
   margins = (reward_margins if stage == 'reward' else dpo_margins)(args.workdir, rows)
+  hits = np.where(margins > 0, 1.0, np.where(margins == 0, 0.5, 0.0))  # a tie is half right
   groups = collections.defaultdict(list)
-  for row, m in zip(rows, margins):
-    groups[(row['family'], row['kind'])].append(m > 0)
+  for row, h in zip(rows, hits):
+    groups[(row['family'], row['kind'])].append(h)
   print(f'{stage} run {args.workdir}: held-out pairs ranked correctly\n')
   print('| family | kind of error | pairs | accuracy |\n| --- | --- | --- | --- |')
   for family in ('add', 'reverse', 'sort', 'code'):
-    hits = [h for (f, _), v in groups.items() if f == family for h in v]
+    in_family = [h for (f, _), v in groups.items() if f == family for h in v]
     for (f, kind), v in sorted(groups.items()):
       if f == family:
         print(f'| {family} | {kind} | {len(v)} | {np.mean(v):.3f} |')
-    print(f'| **{family}** | all | {len(hits)} | **{np.mean(hits):.3f}** |')
-  print(f'| **all** | | {len(margins)} | **{np.mean(margins > 0):.3f}** |')
+    print(f'| **{family}** | all | {len(in_family)} | **{np.mean(in_family):.3f}** |')
+  print(f'| **all** | | {len(hits)} | **{np.mean(hits):.3f}** |')
 
 
 if __name__ == '__main__':

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from research.models.llama import ModelConfig
+from research.models.llama import NEW_HEADS, ModelConfig
 
 TARGET_PRESETS = {
     'attention': r'.*attn/(q|k|v|o)/kernel',
@@ -21,9 +21,6 @@ TARGET_PRESETS = {
     'attention_up_down': r'.*(attn/(q|k|v|o)|mlp/(up|down))/kernel',
 }
 _ADAPTER_NAMES = ('lora_a', 'lora_b')
-# New heads have no pretrained weights to adapt: they train in full next to the
-# adapters (PEFT's modules_to_save), e.g. a reward model's `score` layer.
-FULLY_TRAINED = ('score',)
 
 
 def resolve_targets(targets: str) -> str:
@@ -44,10 +41,11 @@ def _split(tree, keep_adapters: bool):
 
 
 def split(params) -> tuple[dict, dict]:
-  """(trainable, base): the lora_a/lora_b leaves and any new head (FULLY_TRAINED),
+  """(trainable, base): the lora_a/lora_b leaves and any new head (NEW_HEADS: no
+  pretrained weights to adapt, so they train in full, as PEFT's modules_to_save),
   and everything else."""
-  heads = {k: v for k, v in params.items() if k in FULLY_TRAINED}
-  rest = {k: v for k, v in params.items() if k not in FULLY_TRAINED}
+  heads = {k: v for k, v in params.items() if k in NEW_HEADS}
+  rest = {k: v for k, v in params.items() if k not in NEW_HEADS}
   return {**_split(rest, True), **heads}, _split(rest, False)
 
 

@@ -147,7 +147,7 @@ def test_pairs_that_differ_only_beyond_seq_len_are_skipped(tok):
   long_pair = {'prompt': 'Q', 'chosen': 'a ' * 40 + 'x', 'rejected': 'a ' * 40 + 'y'}
   short_pair = {'prompt': 'Q', 'chosen': 'x', 'rejected': 'y'}
   rows = [{'json': json.dumps(long_pair)}, {'json': json.dumps(short_pair)}]
-  for render in (None, reward._RenderScoredPair(tok, 16, '')):  # pylint: disable=protected-access
+  for render in (None, reward.pair_render(tok, 16, '')):
     ds = dpo.pair_dataset([rows], [1.0], tok, seq_len=16, batch_size=1, seed=0, shuffle=False,
                           num_epochs=1, render=render)
     assert len(list(ds)) == 1  # the short pair only

@@ -65,7 +65,7 @@ def test_score_head_matches_transformers_sequence_classifier(tmp_path):
 
 def _pair_batch(tok, n=4, seq_len=48):
   rows = [{'json': json.dumps(r)} for _, r in pref_sources.task_pairs('train', n)]
-  render = reward._RenderScoredPair(tok, seq_len, '')  # pylint: disable=protected-access
+  render = reward.pair_render(tok, seq_len, '')
   ds = dpo.pair_dataset([rows], [1.0], tok, seq_len=seq_len, batch_size=n, seed=0, shuffle=False,
                         num_epochs=1, render=render)
   return rows, next(iter(ds))

@@ -42,9 +42,7 @@ import re
 import tempfile
 import time
 
-import numpy as np
-
-from experiments.benchmarks.train_step import REF_BATCH, REF_SEQ, REFERENCE, _config, _tokens
+from experiments.benchmarks.train_step import REF_BATCH, REF_SEQ, REFERENCE, compiled_step, torch_step
 
 _INSTR = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+?) ([a-z][a-z0-9-]*)\((.*)$')
 _COMP = re.compile(r'^(?:ENTRY )?%(\S+) .*\{\s*$')
@@ -106,18 +104,9 @@ def source(op_name: str) -> str:
 
 def profile_jax(steps: int, dump: str, attention: str):
   import jax  # pylint: disable=import-outside-toplevel
-  from research.stages import pretrain as stage  # pylint: disable=import-outside-toplevel
-  from research.training.trainer import Trainer  # pylint: disable=import-outside-toplevel
-  c = _config(dict(REFERENCE, attention_impl=attention), REF_BATCH, REF_SEQ)
-  t = Trainer(c, tempfile.mkdtemp(), stage, devices=jax.devices()[:1])
-  state, frozen = t.init_state()
-  toks = _tokens(REF_BATCH, REF_SEQ, REFERENCE['vocab_size'])
-  host = {'inputs': toks[:, :-1], 'targets': toks[:, 1:],
-          'segment_ids': np.ones((REF_BATCH, REF_SEQ), np.int32),
-          'positions': np.broadcast_to(np.arange(REF_SEQ, dtype=np.int32), (REF_BATCH, REF_SEQ)).copy()}
+  t, state, frozen, b, compiled, _ = compiled_step(dict(REFERENCE, attention_impl=attention),
+                                                   REF_BATCH, REF_SEQ)
   with t._context():  # pylint: disable=protected-access
-    b = t.to_global(host)
-    compiled = t.train_step.lower(state, b, frozen, {}).compile()
     for _ in range(3):
       state, _ = compiled(state, b, frozen, {})
     jax.block_until_ready(state)
@@ -177,13 +166,7 @@ def attribute_wall_time(events):
 
 def profile_torch(steps: int):
   import torch  # pylint: disable=import-outside-toplevel
-  from experiments.benchmarks.torch_reference import Decoder, make_train_step  # pylint: disable=import-outside-toplevel
-  torch.manual_seed(0)
-  r = REFERENCE
-  model = Decoder(r['vocab_size'], r['d_model'], r['n_layers'], r['n_heads'], r['n_kv_heads'], r['d_ff'])
-  step, _ = make_train_step(model)
-  toks = torch.from_numpy(_tokens(REF_BATCH, REF_SEQ, r['vocab_size']).astype(np.int64))
-  inputs, targets = toks[:, :-1], toks[:, 1:]
+  step, _, inputs, targets = torch_step()
   for _ in range(3):
     step(inputs, targets)
   t0 = time.perf_counter()

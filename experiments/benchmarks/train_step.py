@@ -74,9 +74,10 @@ def part_peak(gpu: bool) -> dict:
   return {'peak_flops': 2 * n ** 3 / sec, 'dtype': jnp.dtype(dtype).name}
 
 
-def _jax_step_time(model_fields, batch, seq, steps, dtype='float32', attention=None):
+def compiled_step(model_fields, batch, seq, dtype='float32'):
+  """(trainer, state, frozen, global batch, compiled train step, compile seconds) for
+  the project's jitted train step on one device and a random token batch."""
   import jax  # pylint: disable=import-outside-toplevel
-  from research.models.llama import flops_per_token  # pylint: disable=import-outside-toplevel
   from research.stages import pretrain as stage  # pylint: disable=import-outside-toplevel
   from research.training.trainer import Trainer  # pylint: disable=import-outside-toplevel
   c = _config(model_fields, batch, seq, dtype)
@@ -90,7 +91,14 @@ def _jax_step_time(model_fields, batch, seq, steps, dtype='float32', attention=N
     b = t.to_global(host)
     t0 = time.perf_counter()
     compiled = t.train_step.lower(state, b, frozen, {}).compile()
-    compile_s = time.perf_counter() - t0
+  return t, state, frozen, b, compiled, time.perf_counter() - t0
+
+
+def _jax_step_time(model_fields, batch, seq, steps, dtype='float32'):
+  import jax  # pylint: disable=import-outside-toplevel
+  from research.models.llama import flops_per_token  # pylint: disable=import-outside-toplevel
+  t, state, frozen, b, compiled, compile_s = compiled_step(model_fields, batch, seq, dtype)
+  with t._context():  # pylint: disable=protected-access
     for _ in range(2):
       state, m = compiled(state, b, frozen, {})
     jax.block_until_ready(state)
@@ -120,16 +128,24 @@ def part_jax(gpu: bool, steps: int, attention: str = 'einsum') -> dict:
   return _jax_step_time(dict(REFERENCE, attention_impl=attention), REF_BATCH, REF_SEQ, steps)
 
 
-def part_torch(compiled: bool, steps: int) -> dict:
+def torch_step():
+  """(step, loss_fn, inputs, targets): the reference model's PyTorch train step and
+  the same token batch as the JAX side."""
   import torch  # pylint: disable=import-outside-toplevel
   from experiments.benchmarks.torch_reference import Decoder, make_train_step  # pylint: disable=import-outside-toplevel
-  from research.models.llama import ModelConfig, flops_per_token  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
   r = REFERENCE
   model = Decoder(r['vocab_size'], r['d_model'], r['n_layers'], r['n_heads'], r['n_kv_heads'], r['d_ff'])
   step, loss_fn = make_train_step(model)
   toks = torch.from_numpy(_tokens(REF_BATCH, REF_SEQ, r['vocab_size']).astype(np.int64))
-  inputs, targets = toks[:, :-1], toks[:, 1:]
+  return step, loss_fn, toks[:, :-1], toks[:, 1:]
+
+
+def part_torch(compiled: bool, steps: int) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
+  from research.models.llama import ModelConfig, flops_per_token  # pylint: disable=import-outside-toplevel
+  r = REFERENCE
+  step, loss_fn, inputs, targets = torch_step()
   compiled_loss = None
   t0 = time.perf_counter()
   if compiled:

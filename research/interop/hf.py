@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from research.errors import UserError
-from research.models.llama import ModelConfig, Transformer
+from research.models.llama import NEW_HEADS, ModelConfig, Transformer
 
 SUPPORTED = ('llama', 'mistral', 'qwen2')
 
@@ -234,7 +234,7 @@ def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, mesh=No
   place = _placer(model, dtype, mesh, rules)
   params: dict = {}
   for ours, theirs, to_ours, _ in _global_map(cfg):
-    if ours[0] == 'score' and theirs not in reader.files:
+    if ours[0] in NEW_HEADS and theirs not in reader.files:
       continue  # a causal LM loaded as a reward model: the trainer initialises the new head
     _set(params, ours, place(ours, to_ours(reader.get(theirs))))
   for ours, theirs, to_ours, _ in _layer_map(cfg):

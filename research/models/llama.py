@@ -35,6 +35,11 @@ Array = jax.Array
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+# Top-level modules a head adds that a language model lacks (head='score'): loading
+# a language model's weights leaves them at their init, and LoRA trains them in full.
+NEW_HEADS = ('score',)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of a Llama-family decoder. See configs/base.py for presets."""

@@ -56,40 +56,35 @@ def pair_messages(example, text_key: str = ''):
   return tuple(out)
 
 
-class _RenderPair(grain.transforms.Map):
-  """Row -> padded chosen_* and rejected_* arrays [seq_len], or None if malformed
-  or if the two sides are the same within seq_len."""
+def render_side(messages: list[dict], tokenizer: Tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+  """One side of a pair for DPO: the SFT arrays, padded, with the loss on the last reply."""
+  return sft.pad_example(sft.render_example(messages, tokenizer, seq_len, mask='completion'), seq_len)
 
-  def __init__(self, tokenizer: Tokenizer, seq_len: int, text_key: str):
+
+class RenderPair(grain.transforms.Map):
+  """Row -> chosen_* and rejected_* arrays, each side from render_side(messages,
+  tokenizer, seq_len); None if the row is malformed, a side renders to None, or
+  both sides are the same within seq_len (nothing to prefer)."""
+
+  def __init__(self, tokenizer: Tokenizer, seq_len: int, text_key: str, render_side=render_side):
     self.tokenizer, self.seq_len, self.text_key = tokenizer, seq_len, text_key
+    self.render_side = render_side
 
   def map(self, example):
     pair = pair_messages(example, self.text_key)
     if pair is None:
       return None
-    out = {}
-    T = self.seq_len
-    for side, messages in zip(SIDES, pair):
-      ids, weights = chat.render(messages, self.tokenizer, mask='completion')
-      ids, weights = ids[:T + 1], weights[:T + 1]
-      n = len(ids) - 1
-      pad = lambda a: np.pad(a, (0, T - len(a)))
-      out[f'{side}_inputs'] = pad(ids[:-1])
-      out[f'{side}_targets'] = pad(ids[1:])
-      out[f'{side}_loss_mask'] = pad(weights[1:])
-      out[f'{side}_segment_ids'] = (np.arange(T) < n).astype(np.int32)
-      out[f'{side}_positions'] = np.where(np.arange(T) < n, np.arange(T), 0).astype(np.int32)
-    if np.array_equal(out['chosen_inputs'], out['rejected_inputs']) and np.array_equal(
-        out['chosen_targets'], out['rejected_targets']):
-      return None  # the replies differ only beyond seq_len: nothing to prefer
-    return out
+    chosen, rejected = (self.render_side(m, self.tokenizer, self.seq_len) for m in pair)
+    if chosen is None or rejected is None or all(np.array_equal(chosen[k], rejected[k]) for k in chosen):
+      return None
+    return {f'{side}_{k}': v for side, arrays in zip(SIDES, (chosen, rejected)) for k, v in arrays.items()}
 
 
 def pair_dataset(sources_list, weights, tokenizer, *, seq_len, batch_size, seed, text_key='',
                  shuffle=True, num_epochs=None, render=None):
   """Batches of preference pairs, one pair per row on each side. `render` maps a
-  row to the arrays of both sides (default: the DPO arrays, _RenderPair)."""
-  render = render or _RenderPair(tokenizer, seq_len, text_key)
+  row to the arrays of both sides (default: RenderPair with the DPO arrays)."""
+  render = render or RenderPair(tokenizer, seq_len, text_key)
   ds = pipeline.mixed_source(sources_list, weights, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
   ds = ds.map(render).filter(lambda x: x is not None)
   return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)
@@ -158,5 +153,5 @@ prompt_ids = sft.prompt_ids
 stop_tokens = sft.stop_tokens
 evaluate = sft.evaluate
 
-__all__ = ['SIDES', 'pair_messages', 'make_loss', 'loss', 'pair_logps', 'pair_dataset', 'train_dataset', 'eval_batches',
+__all__ = ['SIDES', 'pair_messages', 'render_side', 'RenderPair', 'make_loss', 'loss', 'pair_logps', 'pair_dataset', 'train_dataset', 'eval_batches',
            'evaluate']

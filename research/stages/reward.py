@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,37 +71,20 @@ def render_scored(messages: list[dict], tokenizer: Tokenizer, seq_len: int) -> d
           'score_mask': score_mask}
 
 
-class _RenderScoredPair(grain.transforms.Map):
-  """Row -> chosen_* and rejected_* arrays of render_scored, or None if malformed
-  or if the two sides are the same within seq_len."""
-
-  def __init__(self, tokenizer: Tokenizer, seq_len: int, text_key: str):
-    self.tokenizer, self.seq_len, self.text_key = tokenizer, seq_len, text_key
-
-  def map(self, example):
-    pair = dpo.pair_messages(example, self.text_key)
-    if pair is None:
-      return None
-    out = {}
-    for side, messages in zip(dpo.SIDES, pair):
-      arrays = render_scored(messages, self.tokenizer, self.seq_len)
-      if arrays is None:
-        return None
-      out.update({f'{side}_{k}': v for k, v in arrays.items()})
-    if np.array_equal(out['chosen_tokens'], out['rejected_tokens']):
-      return None  # the replies differ only beyond seq_len: nothing to prefer
-    return out
+def pair_render(tokenizer: Tokenizer, seq_len: int, text_key: str) -> dpo.RenderPair:
+  """Row -> chosen_* and rejected_* arrays of render_scored, or None (see dpo.RenderPair)."""
+  return dpo.RenderPair(tokenizer, seq_len, text_key, render_side=render_scored)
 
 
 def train_dataset(config, tokenizer):
   """The shuffled, mixed, repeating stream of scored pair batches."""
-  render = _RenderScoredPair(tokenizer, config.seq_len, config.data.text_key)
+  render = pair_render(tokenizer, config.seq_len, config.data.text_key)
   return dpo.train_dataset(config, tokenizer, render=render)
 
 
 def eval_batches(config, tokenizer):
   """Held-out scored pair batches, in storage order."""
-  render = _RenderScoredPair(tokenizer, config.seq_len, config.data.text_key)
+  render = pair_render(tokenizer, config.seq_len, config.data.text_key)
   return dpo.eval_batches(config, tokenizer, render=render)
 
 
@@ -167,8 +149,8 @@ class RewardModel:
       chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
       b = {k: np.stack([r[k] for r in chunk]) for k in _ARRAYS}
       r = self._scores(self.params, b['tokens'], b['positions'], b['segment_ids'], b['score_mask'])
-      out.append(np.asarray(r)[:len(rows) - i])
-    return np.concatenate(out)[:len(rows)].astype(np.float32)
+      out.append(np.asarray(r))
+    return np.concatenate(out)[:len(rows)].astype(np.float32)  # drop the padding rows
 
 
 def load_reward_model(workdir: str) -> RewardModel:
@@ -178,5 +160,5 @@ def load_reward_model(workdir: str) -> RewardModel:
   return RewardModel(trainer.model, params, tokenizer, trainer.config.seq_len)
 
 
-__all__ = ['render_scored', 'train_dataset', 'eval_batches', 'scores', 'pair_rewards', 'make_loss',
+__all__ = ['render_scored', 'pair_render', 'train_dataset', 'eval_batches', 'scores', 'pair_rewards', 'make_loss',
            'loss', 'RewardModel', 'load_reward_model']

@@ -51,8 +51,16 @@ def check_rows(source, name: str, text_key: str, parse=None,
     print(f'warning: dataset {name!r}: skipped {bad} malformed of the first {n} rows', flush=True)
 
 
+def render_example(messages: list[dict], tokenizer: Tokenizer, seq_len: int,
+                   mask: str = 'assistant') -> dict[str, np.ndarray]:
+  """Messages -> {'inputs', 'targets', 'loss_mask'}, at most seq_len long."""
+  ids, weights = chat.render(messages, tokenizer, mask=mask)
+  ids, weights = ids[:seq_len + 1], weights[:seq_len + 1]
+  return {'inputs': ids[:-1], 'targets': ids[1:], 'loss_mask': weights[1:]}
+
+
 class _Render(grain.transforms.Map):
-  """Row -> {'inputs', 'targets', 'loss_mask'} (or None if malformed), at most seq_len long."""
+  """Row -> render_example(...), or None if malformed."""
 
   def __init__(self, tokenizer: Tokenizer, seq_len: int, mask: str, text_key: str):
     self.tokenizer, self.seq_len, self.mask, self.text_key = tokenizer, seq_len, mask, text_key
@@ -61,12 +69,11 @@ class _Render(grain.transforms.Map):
     messages = example_messages(example, self.text_key)
     if messages is None:
       return None
-    ids, weights = chat.render(messages, self.tokenizer, mask=self.mask)
-    ids, weights = ids[:self.seq_len + 1], weights[:self.seq_len + 1]
-    return {'inputs': ids[:-1], 'targets': ids[1:], 'loss_mask': weights[1:]}
+    return render_example(messages, self.tokenizer, self.seq_len, self.mask)
 
 
-def _pad(example, seq_len: int):
+def pad_example(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+  """One example padded to seq_len, with segment_ids (1, 0 = padding) and positions."""
   n = len(example['inputs'])
   out = {k: np.pad(v, (0, seq_len - n)) for k, v in example.items()}
   out['segment_ids'] = (np.arange(seq_len) < n).astype(np.int32)
@@ -92,7 +99,7 @@ def sft_dataset(sources_list, weights, tokenizer, *, seq_len: int, batch_size: i
         num_packing_bins=max(8, batch_size), seed=seed, shuffle_bins=shuffle)
     it = it.map(_unpack_names)
   else:
-    it = it.map(lambda x: _pad(x, seq_len))
+    it = it.map(lambda x: pad_example(x, seq_len))
   return it.batch(batch_size, drop_remainder=True)
 
 
@@ -178,4 +185,4 @@ def evaluate(trainer, params, tokenizer: Tokenizer) -> dict[str, float]:
 
 
 __all__ = ['train_dataset', 'eval_batches', 'loss', 'evaluate', 'exact_match', 'sft_dataset',
-           'example_messages', 'check_rows']
+           'example_messages', 'check_rows', 'render_example', 'pad_example']

@@ -28,7 +28,7 @@ from research import sampling
 from research.data import pipeline
 from research.data.tokenizer import Tokenizer
 from research.errors import UserError
-from research.models.llama import ModelConfig, Transformer, count_params, flops_per_token
+from research.models.llama import NEW_HEADS, ModelConfig, Transformer, count_params, flops_per_token
 from research.training import checkpoint as ckpt_lib
 from research.training import sharding
 from research.training.metrics import MetricWriter
@@ -104,10 +104,6 @@ def validate_run(config, mesh, rules) -> None:
                     f'(got {s.temperature}, {s.top_p}, {s.top_k}).')
 
 
-# Top-level modules that a head adds and a language model's checkpoint lacks.
-NEW_HEADS = ('score',)
-
-
 def _overlay(tree, base):
   """`tree` with every leaf that `base` holds replaced by base's."""
   if not isinstance(tree, dict):
@@ -117,7 +113,8 @@ def _overlay(tree, base):
 
 @jax.jit
 def _copy(tree):
-  """A copy in new buffers (same shardings), safe to keep when the original is donated."""
+  """A copy in new buffers (same shardings), safe to keep when the original is donated
+  (the train step donates the state, so the reference must not share its buffers)."""
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
@@ -241,19 +238,21 @@ class Trainer:
     latest = ckpt.latest_step() if ckpt is not None else None
     if latest is not None:
       state, data_state = ckpt.restore(latest, self.abstract_state)
-      frozen = {}
-      if self.use_lora:  # the base is not in the checkpoint: rebuild it exactly
-        frozen = self.load_init_from() if self.config.init_from else self.init_state()[1]
-      reference = {}
-      if keep_reference:
-        reference = self.load_init_from() if self.config.init_from else self.init_state()[0].params
+      # Neither the LoRA base nor the reference is in the checkpoint: rebuild them exactly.
+      initial = self._initial_params() if self.use_lora or keep_reference else {}
+      frozen = initial if self.use_lora else {}
+      reference = initial if keep_reference else {}
       return state, frozen, reference, data_state
-    base = self.load_init_from() if self.config.init_from else None
-    reference = {}
-    if keep_reference:  # before init_state donates base's buffers
-      reference = _copy(base) if base is not None else self.init_state()[0].params
-    state, frozen = self.init_state(base)
-    return state, frozen, reference, None
+    state, frozen = self.init_state(self.load_init_from() if self.config.init_from else None)
+    return state, frozen, _copy(state.params) if keep_reference else {}, None
+
+  def _initial_params(self):
+    """What a fresh run starts from, init_from's weights or the seed's: the frozen
+    base with LoRA, else the full tree."""
+    if self.config.init_from:
+      return self.load_init_from()
+    state, frozen = self.init_state()
+    return frozen if self.use_lora else state.params
 
   def full_params(self, params, frozen):
     """The model's parameter tree from trainable and frozen parts."""
