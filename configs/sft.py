@@ -35,8 +35,10 @@ def get_config(arg=None):
   c.sample.prompts = ('What is 12 + 30?', 'Reverse the letters: c o d e', 'Sort ascending: 9 4 7')
   c.sample.temperature = 0.0
   if args['size'] == 'tiny':
-    c.steps = 600
-    c.eval_every = 300
+    # Held-out exact match 84% at 600 steps, 95% at 1200 (addition 63% -> 90%): the
+    # preference stages after it can only judge answers the model can compute.
+    c.steps = 1200
+    c.eval_every = 600
     c.optimizer.lr = 2e-3
     c.optimizer.warmup_steps = 30
     c.optimizer.weight_decay = 0.0
