@@ -42,7 +42,8 @@ import re
 import tempfile
 import time
 
-from experiments.benchmarks.train_step import REF_BATCH, REF_SEQ, REFERENCE, compiled_step, torch_step
+from experiments.benchmarks.train_step import (REF_BATCH, REF_SEQ, REFERENCE, compiled_step,
+                                                 time_steps, torch_step)
 
 _INSTR = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+?) ([a-z][a-z0-9-]*)\((.*)$')
 _COMP = re.compile(r'^(?:ENTRY )?%(\S+) .*\{\s*$')
@@ -107,14 +108,7 @@ def profile_jax(steps: int, dump: str, attention: str):
   t, state, frozen, b, compiled, _ = compiled_step(dict(REFERENCE, attention_impl=attention),
                                                    REF_BATCH, REF_SEQ)
   with t._context():  # pylint: disable=protected-access
-    for _ in range(3):
-      state, _ = compiled(state, b, frozen, {})
-    jax.block_until_ready(state)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      state, _ = compiled(state, b, frozen, {})
-    jax.block_until_ready(state)
-    wall = (time.perf_counter() - t0) / steps
+    state, wall = time_steps(compiled, state, b, frozen, steps, warmup=3)
     with jax.profiler.trace(dump):
       for _ in range(steps):
         state, _ = compiled(state, b, frozen, {})

@@ -94,19 +94,28 @@ def compiled_step(model_fields, batch, seq, dtype='float32'):
   return t, state, frozen, b, compiled, time.perf_counter() - t0
 
 
+def time_steps(compiled, state, batch, frozen, steps: int, warmup: int = 2):
+  """(state after warmup + steps calls, mean seconds per timed call) of a compiled train step.
+
+  Call inside the trainer's mesh context. Warm-up calls are not timed."""
+  import jax  # pylint: disable=import-outside-toplevel
+  for _ in range(warmup):
+    state, _ = compiled(state, batch, frozen, {})
+  jax.block_until_ready(state)
+  metrics = None
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch, frozen, {})
+  jax.block_until_ready((state, metrics))
+  return state, (time.perf_counter() - t0) / steps
+
+
 def _jax_step_time(model_fields, batch, seq, steps, dtype='float32'):
   import jax  # pylint: disable=import-outside-toplevel
   from research.models.llama import flops_per_token  # pylint: disable=import-outside-toplevel
   t, state, frozen, b, compiled, compile_s = compiled_step(model_fields, batch, seq, dtype)
   with t._context():  # pylint: disable=protected-access
-    for _ in range(2):
-      state, m = compiled(state, b, frozen, {})
-    jax.block_until_ready(state)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      state, m = compiled(state, b, frozen, {})
-    jax.block_until_ready((state, m))
-    sec = (time.perf_counter() - t0) / steps
+    state, sec = time_steps(compiled, state, b, frozen, steps, warmup=2)
   mem = None
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
