@@ -7,6 +7,8 @@ Every field can be overridden on the command line, e.g.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 # Model presets. Shapes for 7b/8b are Llama-2-7B and Llama-3-8B.
@@ -67,15 +69,29 @@ def parse_arg(arg: str | None, **defaults) -> dict:
   return out
 
 
-def model_config(size: str) -> ml_collections.ConfigDict:
-  """Model section for a preset, with every ModelConfig field present."""
+def model_config(size: str, family: str = 'llama') -> ml_collections.ConfigDict:
+  """Model section for a preset: `family` and every field of that family's Config
+  (research/models), the preset's shape on top of the family's defaults."""
   if size not in MODEL_PRESETS:
     raise ValueError(f'unknown size {size!r}; choose one of {sorted(MODEL_PRESETS)}')
-  from research.models.llama import ModelConfig  # pylint: disable=import-outside-toplevel
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  from research import models  # pylint: disable=import-outside-toplevel
+  fields = {f.name: f.default for f in dataclasses.fields(models.family(family).Config)}
   fields.update(MODEL_PRESETS[size])
-  return ml_collections.ConfigDict(fields)
+  return ml_collections.ConfigDict({'family': family, **fields})
+
+
+def apply_mode(c: ml_collections.ConfigDict, mode: str, *, tiny: dict, large: dict) -> None:
+  """mode=full leaves `c` as it is; mode=lora turns on LoRA with the preset for
+  the size (`tiny` for size=tiny, else `large`): dicts of rank, alpha, lr and
+  optionally targets (the optimizer's learning rate changes with LoRA)."""
+  if mode == 'full':
+    return
+  if mode != 'lora':
+    raise ValueError(f'mode={mode!r}; choose full or lora')
+  preset = tiny if c.size == 'tiny' else large
+  c.lora.rank, c.lora.alpha = preset['rank'], preset['alpha']
+  c.lora.targets = preset.get('targets', c.lora.targets)
+  c.optimizer.lr = preset['lr']
 
 
 def task_eval_config() -> ml_collections.ConfigDict:
@@ -92,8 +108,8 @@ def use_preference_data(c: ml_collections.ConfigDict) -> None:
   c.data.mix_weights = (0.8, 0.2)
 
 
-def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
-  """The keys every stage has, sized for `size`."""
+def base_config(stage: str, size: str, family: str = 'llama') -> ml_collections.ConfigDict:
+  """The keys every stage has, sized for `size`, with a model of `family`."""
   batch_size, seq_len, steps, lr = RUN_PRESETS[size] if size in RUN_PRESETS else RUN_PRESETS['tiny']
   c = ml_collections.ConfigDict()
   c.stage = stage
@@ -110,7 +126,7 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
   c.init_from = ''  # another run's workdir: warm-start its parameters
   c.dry_run = False
 
-  c.model = model_config(size)
+  c.model = model_config(size, family)
   if size in ('small', '1b', '7b', '8b'):  # accelerator presets
     c.model.dtype = 'bfloat16'  # compute; parameters and optimizer state stay float32
   if size in ('1b', '7b', '8b'):

@@ -9,7 +9,7 @@ The reference model is the frozen init_from parameters (with LoRA: the base with
 adapters off). Data: 'pref_tasks' (correct vs plausible wrong task answers) and
 'pref_code' (stdlib function vs a corrupted copy), or JSONL rows
 {"prompt", "chosen", "rejected"} (strings or message lists) via data.name=files.
-Presets: size=tiny|7b|8b, mode=full|lora.
+Presets: size=tiny|7b|8b, mode=full|lora, family=llama|qwen3.
 """
 
 import ml_collections
@@ -19,8 +19,8 @@ from configs import base
 
 def get_config(arg=None):
   """Returns the DPO config for `arg` ('size=tiny,mode=full' by default)."""
-  args = base.parse_arg(arg, size='tiny', mode='full')
-  c = base.base_config('dpo', args['size'])
+  args = base.parse_arg(arg, size='tiny', mode='full', family='llama')
+  c = base.base_config('dpo', args['size'], args['family'])
   base.use_preference_data(c)
   c.dpo = ml_collections.ConfigDict(dict(
       loss_type='sigmoid',  # sigmoid | ipo | robust | simpo | orpo
@@ -38,9 +38,6 @@ def get_config(arg=None):
   else:
     c.steps, c.seq_len, c.batch_size = 1000, 2048, 64
     c.optimizer.lr, c.optimizer.warmup_steps = 5e-7, 50
-  if args['mode'] == 'lora':
-    c.lora.rank, c.lora.alpha = (8, 16.0) if args['size'] == 'tiny' else (16, 32.0)
-    c.optimizer.lr = 2e-3 if args['size'] == 'tiny' else 5e-6
-  elif args['mode'] != 'full':
-    raise ValueError(f"mode={args['mode']!r}; choose full or lora")
+  base.apply_mode(c, args['mode'], tiny=dict(rank=8, alpha=16.0, lr=2e-3),
+                  large=dict(rank=16, alpha=32.0, lr=5e-6))
   return c

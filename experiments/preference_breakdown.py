@@ -18,13 +18,12 @@ import collections
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from research import lora
-from research.data import pref_sources
-from research.stages import dpo, reward
-from research.training import trainer as trainer_lib
+from research import rewards
+from research.data import pairs, pref_sources
+from research.stages import dpo
+from research.training.init import load_params
 
 
 def validation_rows() -> list[dict]:
@@ -36,14 +35,10 @@ def validation_rows() -> list[dict]:
 def dpo_margins(workdir: str, rows: list[dict]) -> np.ndarray:
   """log(pi/pi_ref)(chosen) - log(pi/pi_ref)(rejected) for each row (0, a tie, for a
   pair the DPO pipeline skips because its replies differ only beyond seq_len)."""
-  trainer, params, tokenizer = trainer_lib.load_run(workdir)
-  if trainer.use_lora:  # the reference is the same base with the adapters off, as in training
-    adapters, base = lora.split(params)
-    reference = lora.combine(base, jax.tree.map(jnp.zeros_like, adapters))
-  else:
-    reference = trainer.load_init_from()
-  logps = jax.jit(lambda p, b: dpo.pair_logps(trainer.model, p, b)[:2])
-  render = dpo.RenderPair(tokenizer, trainer.config.seq_len, '')
+  run = load_params(workdir)
+  reference = run.initial_params()  # as in training: init_from's, or with LoRA the base, adapters off
+  logps = jax.jit(lambda p, b: dpo.pair_logps(run.model, p, b)[:2])
+  render = pairs.RenderPair(run.tokenizer, run.config.seq_len)
   out = []
   for row in rows:  # one pair per batch: no padding beyond the pair itself
     arrays = render.map({'json': json.dumps(row)})
@@ -51,7 +46,7 @@ def dpo_margins(workdir: str, rows: list[dict]) -> np.ndarray:
       out.append(0.0)
       continue
     batch = {k: v[None] for k, v in arrays.items()}
-    pc, pr = logps(params, batch)
+    pc, pr = logps(run.params, batch)
     rc, rr = logps(reference, batch)
     out.append(float((pc - rc)[0] - (pr - rr)[0]))
   return np.asarray(out)
@@ -59,8 +54,8 @@ def dpo_margins(workdir: str, rows: list[dict]) -> np.ndarray:
 
 def reward_margins(workdir: str, rows: list[dict]) -> np.ndarray:
   """r(chosen) - r(rejected) for each row."""
-  rm = reward.load_reward_model(workdir)
-  convos = [m for row in rows for m in dpo.pair_messages({'json': json.dumps(row)})]
+  rm = rewards.load_reward_model(workdir)
+  convos = [m for row in rows for m in pairs.pair_messages({'json': json.dumps(row)})]
   r = rm.score(convos).reshape(-1, 2)
   return r[:, 0] - r[:, 1]
 

@@ -1,14 +1,16 @@
 """Export a run's latest parameters as an HF checkpoint that transformers loads.
 
-    python -m research.export --workdir=runs/pretrain --out=exports/pretrain [--model_type=llama]
+    python -m research.export --workdir=runs/pretrain --out=exports/pretrain [--model_type=mistral]
 
-Writes config.json, model.safetensors and (when the run has one) tokenizer.model.
+Writes config.json, model.safetensors and (when the run has one)
+tokenizer.model. LoRA adapters are merged into the weights. --model_type
+defaults to the model family's own (llama, qwen3); a Llama-family model may
+also be written as mistral (or qwen2, which it becomes anyway with q/k/v biases).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import sys
@@ -16,20 +18,17 @@ import sys
 from research.errors import UserError
 
 
-def export(workdir: str, out: str, model_type: str = 'llama') -> str:
+def export(workdir: str, out: str, model_type: str | None = None) -> str:
   """Writes `out` from the latest checkpoint of `workdir` (LoRA adapters merged); returns `out`."""
-  from research import lora  # pylint: disable=import-outside-toplevel
+  from research import lora, models  # pylint: disable=import-outside-toplevel
   from research.interop import hf  # pylint: disable=import-outside-toplevel
-  from research.models.llama import Transformer  # pylint: disable=import-outside-toplevel
-  from research.training.trainer import load_run  # pylint: disable=import-outside-toplevel
-  trainer, params, tokenizer = load_run(workdir)
-  cfg = trainer.model.cfg
-  if trainer.use_lora:
-    params = lora.merge(params, cfg)
-    cfg = dataclasses.replace(cfg, lora_rank=0)
-  hf.save_pretrained(out, Transformer(cfg), params, model_type=model_type, tokenizer=tokenizer)
-  if tokenizer is not None:
-    shutil.copy(tokenizer.path, os.path.join(out, 'tokenizer.model'))
+  from research.training.init import load_params  # pylint: disable=import-outside-toplevel
+  run = load_params(workdir)
+  params = lora.merge(run.params, run.model.lora) if run.model.lora is not None else run.params
+  model = models.family(run.model.cfg.family).Model(run.model.cfg)
+  hf.save_pretrained(out, model, params, model_type=model_type, tokenizer=run.tokenizer)
+  if run.tokenizer is not None:
+    shutil.copy(run.tokenizer.path, os.path.join(out, 'tokenizer.model'))
   return out
 
 
@@ -37,7 +36,7 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--out', required=True)
-  parser.add_argument('--model_type', default='llama', choices=('llama', 'mistral', 'qwen2'))
+  parser.add_argument('--model_type', default=None, help="HF model_type (default: the family's own)")
   args = parser.parse_args(argv)
   try:
     print(f'wrote {export(args.workdir, args.out, args.model_type)}')

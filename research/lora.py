@@ -1,9 +1,12 @@
 """LoRA helpers: pure functions over parameter pytrees.
 
-The adapters live inside the model (`Linear` in models/llama.py adds
-`lora_a`/`lora_b` next to each targeted kernel). These functions split a
-parameter tree into trainable adapters and the frozen base, put them back
-together, and merge adapters into the base weights for export or fast sampling.
+The adapters live inside the model (`Linear` in models/layers.py adds
+`lora_a`/`lora_b` next to each targeted kernel when the model is built with a
+LoraConfig). These functions build that LoraConfig from `config.lora` (the one
+place LoRA is configured), split a parameter tree into trainable adapters and
+the frozen base, put them back together, give the frozen reference (the base
+with adapters off), and merge adapters into the base weights for export or
+fast sampling.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from research.models.llama import NEW_HEADS, ModelConfig
+from research.errors import UserError
+from research.models import NEW_HEADS, LoraConfig
 
 TARGET_PRESETS = {
     'attention': r'.*attn/(q|k|v|o)/kernel',
@@ -26,6 +30,17 @@ _ADAPTER_NAMES = ('lora_a', 'lora_b')
 def resolve_targets(targets: str) -> str:
   """A preset name or a regex -> the regex."""
   return TARGET_PRESETS.get(targets, targets)
+
+
+def from_config(lora_section) -> LoraConfig | None:
+  """The LoraConfig of a config.lora section; None when rank is 0 (LoRA off)."""
+  rank, dropout = int(lora_section.rank), float(lora_section.dropout)
+  if rank < 0 or not 0 <= dropout < 1:
+    raise UserError(f'config.lora: rank must be >= 0 and dropout in [0, 1) (got {rank}, {dropout}).')
+  if rank == 0:
+    return None
+  return LoraConfig(rank=rank, alpha=float(lora_section.alpha), dropout=dropout,
+                    targets=resolve_targets(lora_section.targets), rslora=bool(lora_section.rslora))
 
 
 def _split(tree, keep_adapters: bool):
@@ -61,6 +76,13 @@ def combine(base, adapters) -> dict:
   return out
 
 
+def reference_params(adapters, base) -> dict:
+  """The model a LoRA run started from: the base with every adapter zeroed
+  (B = 0 makes each adapter's contribution exactly zero), without a copy of the
+  base. DPO uses it as the frozen reference."""
+  return combine(base, jax.tree.map(jnp.zeros_like, adapters))
+
+
 def _merge_module(module: dict, scale: float, stacked: bool) -> dict:
   out = {k: v for k, v in module.items() if k not in _ADAPTER_NAMES}
   a, b = module['lora_a'], module['lora_b']
@@ -71,11 +93,11 @@ def _merge_module(module: dict, scale: float, stacked: bool) -> dict:
   return out
 
 
-def merge(params, cfg: ModelConfig) -> dict:
+def merge(params, lora: LoraConfig) -> dict:
   """Folds every adapter into its kernel: W + scale * A.B. Pure; the result
-  has the base model's structure (use it with cfg.lora_rank = 0)."""
+  has the base model's structure (use it with a model built without LoRA)."""
   def walk(tree, stacked):
     if 'lora_a' in tree:
-      return _merge_module(tree, cfg.lora_scale, stacked)
+      return _merge_module(tree, lora.scale, stacked)
     return {k: walk(v, stacked or k == 'layers') if isinstance(v, dict) else v for k, v in tree.items()}
   return walk(params, False)

@@ -1,4 +1,4 @@
-"""Entry point for every stage.
+"""Entry point for every stage: flags, jax.distributed, stage dispatch -> the loop.
 
     python -m research.main --config=configs/pretrain.py:size=tiny --workdir=runs/demo \
         --config.steps=200 --config.optimizer.lr=1e-3
@@ -68,8 +68,10 @@ def main(argv):
     if config.dry_run:
       simulate_devices_for_dry_run(config)
     init_distributed()
-    from research.training import trainer  # pylint: disable=import-outside-toplevel
-    trainer.train(config, _WORKDIR.value)
+    from research import stages  # pylint: disable=import-outside-toplevel
+    from research.training import init, loop  # pylint: disable=import-outside-toplevel
+    config = init.resolve_config(config)  # init_from=hf:<dir> decides the architecture
+    loop.train(config, _WORKDIR.value, stages.get(config.stage)(config))
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

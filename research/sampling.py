@@ -1,4 +1,14 @@
-"""Batched sampling with a KV cache: one prefill, then a jitted decode loop.
+"""Sampling with a KV cache: one prefill, then a jitted decode loop.
+
+Two entry points over one code path:
+
+* `rollout` (arrays in, arrays out; jitted; sharded over the batch when its
+  inputs are): the generated tokens, the log-probability of each under the
+  distribution it was sampled from, and a mask up to and including the first
+  stop token. For code that keeps working on device (online RL).
+* `generate` (Python lists in and out): left-pads prompts, calls `rollout`,
+  brings the tokens to the host and cuts each after its first stop token. For
+  evaluation and samples.
 
 Prompts of different lengths are left-padded to a common length (rounded up
 to a multiple of 16 to limit recompiles); padding has segment id 0 so no token
@@ -9,24 +19,28 @@ Decoding with the cache gives the same logits as a full forward pass.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.models.llama import Transformer, init_cache
+from research import models
 
 _BUCKET = 16
 
 
-def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float = 0.0,
-                  top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-  """Next tokens [B] from logits: greedy if temperature == 0, else sampled
-  from the temperature-scaled distribution restricted to the top-k tokens and
-  to the smallest set whose probability reaches top_p (nucleus sampling)."""
-  if temperature <= 0.0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+class Policy(NamedTuple):
+  """A model and the parameters to run it with: during training, the current
+  (full: LoRA base and adapters) parameters. Batch sources and evaluators get one."""
+
+  model: Any
+  params: Any
+
+
+def _filtered_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+  """float32 logits of the distribution sampled from at temperature > 0: scaled
+  by 1/temperature, everything outside top-k and the top-p nucleus at -inf-ish."""
   logits = logits_BV.astype(jnp.float32) / temperature
   neg = jnp.finfo(jnp.float32).min
   if top_k > 0:
@@ -40,37 +54,74 @@ def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float = 0.0
     n_keep_B = jnp.maximum(jnp.sum(mass_before_BV < top_p, axis=-1), 1)
     threshold_B1 = jnp.take_along_axis(sorted_BV, n_keep_B[:, None] - 1, axis=-1)
     logits = jnp.where(logits < threshold_B1, neg, logits)
+  return logits
+
+
+def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float = 0.0,
+                  top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Next tokens [B] from logits: greedy if temperature == 0, else sampled
+  from the temperature-scaled distribution restricted to the top-k tokens and
+  to the smallest set whose probability reaches top_p (nucleus sampling)."""
+  if temperature <= 0.0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits = _filtered_logits(logits_BV, temperature, top_k, top_p)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def sampled_logprobs(logits_BV: jax.Array, tokens_B: jax.Array, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """log p(token) [B] under the distribution `sample_logits` draws from with the
+  same settings; for greedy decoding (temperature 0), under the model's own
+  (unscaled, unfiltered) distribution."""
+  logits = (logits_BV.astype(jnp.float32) if temperature <= 0.0
+            else _filtered_logits(logits_BV, temperature, top_k, top_p))
+  logp_BV = jax.nn.log_softmax(logits, axis=-1)
+  return jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=-1)[:, 0]
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
-                                             'top_p', 'stop_tokens', 'pad_id'))
-def _generate(model: Transformer, params, tokens_BP, segment_ids_BP, positions_BP, rng, *,
-              max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id):
+                                             'top_p', 'pad_id'))
+def rollout(model, params, tokens_BP, segment_ids_BP, positions_BP, rng, stop_ids, *,
+            max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+            pad_id: int = 0) -> dict[str, jax.Array]:
+  """Continues left-padded prompts [B, P] (see `left_pad`) for up to max_new_tokens.
+
+  `stop_ids` is an int32 array of stop tokens (may be empty). Returns
+    tokens    int32 [B, N]  sampled tokens, pad_id after a row's first stop token
+    logps     f32   [B, N]  log-prob of each token (sampled_logprobs); 0 where mask is 0
+    mask      int32 [B, N]  1 up to and including the first stop token
+    truncated bool  [B]     the row never produced a stop token
+  The loop ends early once every row has stopped.
+  """
   B, P = tokens_BP.shape
-  cache = init_cache(model.cfg, B, P + max_new_tokens)
+  cache = models.init_cache(model.cfg, B, P + max_new_tokens)
   logits_BPV, cache = model.apply({'params': params}, tokens_BP, positions_BP, segment_ids_BP, cache=cache)
   next_pos_B = positions_BP[:, -1] + 1
-  stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+  stops = jnp.concatenate([jnp.asarray(stop_ids, jnp.int32).reshape(-1), jnp.full((1,), -1, jnp.int32)])
 
   def body(carry):
-    i, logits_BV, cache, pos_B, done_B, out_BN, rng = carry
+    i, logits_BV, cache, pos_B, done_B, out_BN, logp_BN, mask_BN, rng = carry
     rng, step_rng = jax.random.split(rng)
     tok_B = sample_logits(logits_BV, step_rng, temperature, top_k, top_p)
+    logp_B = sampled_logprobs(logits_BV, tok_B, temperature, top_k, top_p)
     tok_B = jnp.where(done_B, pad_id, tok_B)
     out_BN = out_BN.at[:, i].set(tok_B)
+    logp_BN = logp_BN.at[:, i].set(jnp.where(done_B, 0.0, logp_B))
+    mask_BN = mask_BN.at[:, i].set((~done_B).astype(jnp.int32))
     done_B = done_B | jnp.isin(tok_B, stops)
     logits_B1V, cache = model.apply({'params': params}, tok_B[:, None], pos_B[:, None],
                                     jnp.ones((B, 1), jnp.int32), cache=cache)
-    return i + 1, logits_B1V[:, 0], cache, pos_B + 1, done_B, out_BN, rng
+    return i + 1, logits_B1V[:, 0], cache, pos_B + 1, done_B, out_BN, logp_BN, mask_BN, rng
 
   def cond(carry):
     i, done_B = carry[0], carry[4]
     return (i < max_new_tokens) & ~jnp.all(done_B)
 
   init = (jnp.int32(0), logits_BPV[:, -1], cache, next_pos_B, jnp.zeros((B,), bool),
-          jnp.full((B, max_new_tokens), pad_id, jnp.int32), rng)
-  return jax.lax.while_loop(cond, body, init)[5]
+          jnp.full((B, max_new_tokens), pad_id, jnp.int32), jnp.zeros((B, max_new_tokens), jnp.float32),
+          jnp.zeros((B, max_new_tokens), jnp.int32), rng)
+  out = jax.lax.while_loop(cond, body, init)
+  return {'tokens': out[5], 'logps': out[6], 'mask': out[7], 'truncated': ~out[4]}
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, bucket: int = _BUCKET):
@@ -88,25 +139,26 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, bucket: int = _B
   return tokens, segs, pos
 
 
-def generate(model: Transformer, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              rng: jax.Array | None = None, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_tokens: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
   """Continues each prompt; returns the new tokens of each, cut after the first stop token."""
   tokens, segs, pos = left_pad(prompts, pad_id)
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  out = _generate(model, params, tokens, segs, pos, rng, max_new_tokens=max_new_tokens,
-                  temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                  stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id))
+  out = rollout(model, params, tokens, segs, pos, rng, np.asarray(stop_tokens, np.int32),
+                max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                top_p=float(top_p), pad_id=int(pad_id))['tokens']
   if not out.is_fully_addressable:  # multi-process: every process gets all rows
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     out = multihost_utils.process_allgather(out, tiled=True)
   out = np.asarray(out)
+  stops = {int(t) for t in stop_tokens}
   results = []
   for row in out:
     seq = []
     for t in row:
       seq.append(int(t))
-      if int(t) in stop_tokens:
+      if int(t) in stops:
         break
     results.append(seq)
   return results

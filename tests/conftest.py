@@ -54,3 +54,35 @@ def make_test_config(corpus_dir, data_dir, **overrides):
 def test_config(corpus_dir, data_dir):
   """Factory: test_config(steps=5, mesh__data=8, ...)."""
   return lambda **kw: make_test_config(corpus_dir, data_dir, **kw)
+
+
+@pytest.fixture(scope='session')
+def tok(corpus_dir):
+  """A 512-piece tokenizer trained on the small corpus (chat markers reserved)."""
+  from research.data.tokenizer import train_tokenizer
+  texts = [open(os.path.join(corpus_dir, f)).read() for f in sorted(os.listdir(corpus_dir))]
+  return train_tokenizer(texts, 512)
+
+
+def train(config, workdir, devices=None):
+  """Runs config's stage in workdir, as research.main does; returns the last metrics."""
+  from research import stages
+  from research.training import init, loop
+  config = init.resolve_config(config)
+  return loop.train(config, str(workdir), stages.get(config.stage)(config), devices=devices)
+
+
+def make_trainer(config, devices=None):
+  """The Trainer of config's stage."""
+  from research import stages
+  from research.training.trainer import Trainer
+  return Trainer(config, stages.get(config.stage)(config), devices=devices)
+
+
+def init_params(model, seed=0, length=4):
+  """Unboxed random parameters of `model`."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  init = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, length), jnp.int32))['params'])
+  return nn.meta.unbox(init(jax.random.PRNGKey(seed)))

@@ -1,18 +1,22 @@
-"""Every config file loads, and preset shapes match the published models."""
+"""Every config file loads, builds a model of exactly the preset's shapes, and
+the large presets have the published models' parameter counts."""
 
 import glob
 import importlib.util
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
-from research.models import ModelConfig, Transformer, count_params
+from research import models
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
                       if os.path.basename(p) not in ('__init__.py', 'base.py'))
+TOP_KEYS = {'stage', 'seed', 'steps', 'batch_size', 'seq_len', 'log_every', 'eval_every',
+            'checkpoint_every', 'init_from', 'model', 'optimizer', 'mesh', 'data', 'lora'}
 
 
 def _load(path):
@@ -22,29 +26,61 @@ def _load(path):
   return module
 
 
-def _n_params(model_cfg):
-  model = Transformer(ModelConfig.from_dict(model_cfg))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
-  return count_params(shapes)
+def _shapes(model_section):
+  model = models.build(model_section)
+  tree = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))['params']
+  tree = nn.meta.unbox(tree)
+  return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _expected_shapes(m):
+  """Parameter shapes of a Llama-family decoder, written out from the architecture."""
+  D, H, K, F, V = m.d_model, m.n_heads, m.n_kv_heads, m.d_ff, m.vocab_size
+  Dh = m.head_dim or D // H
+  out = {"['embed']['embedding']": (V, D), "['final_norm']['scale']": (D,)}
+  if m.head == 'score':
+    out["['score']['kernel']"] = (D, 1)
+  elif not m.tie_embeddings:
+    out["['lm_head']['kernel']"] = (D, V)
+  for i in range(m.n_layers):
+    layer = {"['attn']['q']['kernel']": (D, H, Dh), "['attn']['k']['kernel']": (D, K, Dh),
+             "['attn']['v']['kernel']": (D, K, Dh), "['attn']['o']['kernel']": (H, Dh, D),
+             "['mlp']['gate']['kernel']": (D, F), "['mlp']['up']['kernel']": (D, F),
+             "['mlp']['down']['kernel']": (F, D), "['attn_norm']['scale']": (D,), "['mlp_norm']['scale']": (D,)}
+    if m.scan_layers:  # stacked under nn.scan: one leading layers axis
+      out.update({f"['layers']{k}": (m.n_layers,) + v for k, v in layer.items()} if i == 0 else {})
+    else:
+      out.update({f"['layers_{i}']{k}": v for k, v in layer.items()})
+  return out
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
-def test_config_file_loads_and_builds(path):
+def test_config_file_builds_the_preset_shapes(path):
   config = _load(path).get_config()
-  for key in ('stage', 'seed', 'steps', 'batch_size', 'seq_len', 'log_every', 'eval_every',
-              'checkpoint_every', 'init_from', 'model', 'optimizer', 'mesh', 'data', 'lora'):
-    assert key in config, key
-  assert _n_params(config.model) > 0
+  assert TOP_KEYS <= set(config.keys())
+  assert config.stage == os.path.basename(path)[:-3]
+  assert _shapes(config.model) == _expected_shapes(config.model)
 
 
-@pytest.mark.parametrize('size,billions', [('7b', 6.74), ('8b', 8.03)])
-def test_large_preset_parameter_counts(size, billions):
+@pytest.mark.parametrize('size', ['test', 'tiny', 'small', '1b', '7b', '8b'])
+def test_every_preset_builds_its_shapes(size):
   from configs import pretrain
-  n = _n_params(pretrain.get_config(f'size={size}').model)
-  assert round(n / 1e9, 2) == billions
+  m = pretrain.get_config(f'size={size}').model
+  assert _shapes(m) == _expected_shapes(m)
 
 
-def test_unknown_config_argument_is_rejected():
+@pytest.mark.parametrize('size,count', [('7b', 6_738_415_616), ('8b', 8_030_261_248)])
+def test_large_preset_parameter_counts(size, count):
+  """Llama-2-7B and Llama-3-8B, as their model cards count them."""
   from configs import pretrain
+  assert sum(int(jnp.prod(jnp.asarray(s))) for s in _shapes(pretrain.get_config(f'size={size}').model).values()) == count
+
+
+def test_config_arguments_are_checked():
+  from configs import pretrain, sft
   with pytest.raises(ValueError, match='sizee'):
     pretrain.get_config('sizee=tiny')
+  with pytest.raises(ValueError, match='mode'):
+    sft.get_config('mode=half')
+  assert sft.get_config('mode=lora').lora.rank == 8 and sft.get_config().lora.rank == 0
+  assert pretrain.get_config('family=qwen3').model.family == 'qwen3'

@@ -6,16 +6,15 @@ import os
 import numpy as np
 import pytest
 
-from research.data import pipeline, sources
-from research.data.tokenizer import CHAT_MARKERS, Tokenizer, train_tokenizer
+from research.data import pipeline, registry, sources
+from research.data.tokenizer import CHAT_MARKERS, Tokenizer
 from research.errors import UserError
 from research.training.checkpoint import json_lists_to_tuples
 
 
 @pytest.fixture(scope='module')
-def tokenizer(corpus_dir):
-  texts = [open(os.path.join(corpus_dir, f)).read() for f in sorted(os.listdir(corpus_dir))]
-  return train_tokenizer(texts, 512)
+def tokenizer(tok):
+  return tok
 
 
 def test_tokenizer_reserves_special_ids_and_round_trips(tokenizer, tmp_path):
@@ -104,8 +103,8 @@ def test_malformed_jsonl_rows_are_counted_not_fatal(tmp_path, data_dir, capsys):
   path = tmp_path / 'd.jsonl'
   good = [json.dumps({'text': f'document number {i} ' * 20}) for i in range(30)]
   path.write_text('\n'.join(good + ['{not json', json.dumps({'txt': 'x'}), json.dumps({'text': 3})]))
-  src = sources.open_split('files', 'train', data_dir=data_dir, files=str(path))
-  val = sources.open_split('files', 'validation', data_dir=data_dir, files=str(path))
+  src = registry.open_split('files', 'train', data_dir=data_dir, files=str(path))
+  val = registry.open_split('files', 'validation', data_dir=data_dir, files=str(path))
   assert len(src) + len(val) == 30
   assert 'skipped 3 malformed of 33 rows' in capsys.readouterr().err
 
@@ -114,9 +113,33 @@ def test_all_rows_malformed_is_a_user_error(tmp_path, data_dir):
   path = tmp_path / 'bad.jsonl'
   path.write_text('{"a": 1}\n[]\n')
   with pytest.raises(UserError, match='every row is malformed'):
-    sources.open_split('files', 'train', data_dir=data_dir, files=str(path))
+    registry.open_split('files', 'train', data_dir=data_dir, files=str(path))
 
 
 def test_unprepared_tfds_name_is_a_user_error(data_dir):
   with pytest.raises(UserError, match='not a prepared TFDS dataset'):
-    sources.open_split('no_such_dataset_xyz', 'train', data_dir=data_dir)
+    registry.open_split('no_such_dataset_xyz', 'train', data_dir=data_dir)
+
+
+def test_every_registered_dataset_opens_both_splits(data_dir):
+  """The registry names every embedded dataset; each builds offline into both splits."""
+  assert {'stdlib', 'files', 'sft_tasks', 'sft_code', 'pref_tasks', 'pref_code'} <= set(registry.BUILDERS)
+  for name in ('sft_tasks', 'pref_tasks'):
+    train, val = (registry.open_split(name, s, data_dir=data_dir) for s in ('train', 'validation'))
+    assert (len(train), len(val)) == {'sft_tasks': (24000, 300), 'pref_tasks': (12000, 300)}[name]
+    assert json.loads(val[0]['json'])['family'] in ('add', 'reverse', 'sort')
+
+
+def test_grain_source_state_resumes_the_stream(tokenizer, test_config):
+  """The batch source the loop sees: next(policy) ignores the policy, and its
+  state (what checkpoints hold) continues the same stream."""
+  c = test_config()
+  ds = pipeline.packed_dataset(pipeline.open_source(c.data, 'train'), tokenizer, seq_len=32, batch_size=4, seed=1)
+  a, b = pipeline.GrainSource(ds), pipeline.GrainSource(ds)
+  a.next(None)
+  b.set_state(json_lists_to_tuples(json.loads(json.dumps(a.get_state()))))
+  for _ in range(3):
+    x, y = a.next(object()), b.next(None)
+    assert sorted(x) == ['inputs', 'positions', 'segment_ids', 'targets']
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])

@@ -2,34 +2,29 @@
 
 import itertools
 import json
-import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.data import pref_sources, sft_sources
-from research.data.tokenizer import train_tokenizer
+from conftest import init_params, make_trainer, train
+from research.data import pairs, pref_sources
+from research.models.llama import Config, Model
 from research.stages import dpo
-from research.training import trainer as trainer_lib
-
-
-@pytest.fixture(scope='module')
-def tok(corpus_dir):
-  texts = [open(os.path.join(corpus_dir, f)).read() for f in sorted(os.listdir(corpus_dir))]
-  return train_tokenizer(texts, 512)
+from research.training import init
 
 
 def test_pair_formats():
-  s = dpo.pair_messages({'json': json.dumps({'prompt': 'Q', 'chosen': 'A', 'rejected': 'B'})})
+  s = pairs.pair_messages({'json': json.dumps({'prompt': 'Q', 'chosen': 'A', 'rejected': 'B'})})
   assert s[0][-1] == {'role': 'assistant', 'content': 'A'} and s[1][-1]['content'] == 'B'
   convo = [{'role': 'system', 'content': 'S'}, {'role': 'user', 'content': 'Q'}]
-  m = dpo.pair_messages({'json': json.dumps({'prompt': convo, 'chosen': [{'role': 'assistant', 'content': 'A'}],
+  m = pairs.pair_messages({'json': json.dumps({'prompt': convo, 'chosen': [{'role': 'assistant', 'content': 'A'}],
                                              'rejected': 'B'})})
   assert m[0][:2] == convo and m[1][-1]['content'] == 'B'
-  assert dpo.pair_messages({'json': '{"prompt": "Q", "chosen": "A"}'}) is None
-  assert dpo.pair_messages({'json': 'nope'}) is None
+  assert pairs.pair_messages({'json': '{"prompt": "Q", "chosen": "A"}'}) is None
+  assert pairs.pair_messages({'json': 'nope'}) is None
 
 
 def test_wrong_answers_are_wrong_and_close():
@@ -78,31 +73,27 @@ def test_code_bugs_change_one_line():
 
 def _pair_batch(tok, n=4, seq_len=48):
   rows = [{'json': json.dumps(r)} for _, r in pref_sources.task_pairs('train', n)]
-  ds = dpo.pair_dataset([rows], [1.0], tok, seq_len=seq_len, batch_size=n, seed=0, shuffle=False,
-                        num_epochs=1)
+  ds = pairs.pair_dataset([rows], [1.0], pairs.RenderPair(tok, seq_len), batch_size=n, seed=0,
+                          shuffle=False, num_epochs=1)
   return next(iter(ds))
 
 
 def test_stage_loss_is_ln2_at_the_reference_and_masks_prompts(tok):
-  from research.models.llama import Transformer, ModelConfig
-  import flax.linen as nn
-  import jax.numpy as jnp
   batch = {k: jnp.asarray(v) for k, v in _pair_batch(tok).items()}
   # Only the reply tokens (and <|end|>) are scored.
   mask, targets = np.asarray(batch['chosen_loss_mask'][0]), np.asarray(batch['chosen_targets'][0])
   assert targets[mask > 0][-1] == tok.special_id('<|end|>')
-  model = Transformer(ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64))
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))['params']
+  model = Model(Config(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64))
+  params = init_params(model)
   from configs import dpo as dpo_cfg
   cfg = dpo_cfg.get_config()
   cfg.dpo.rpo_alpha = 0.0  # pure DPO
-  loss_fn = dpo.make_loss(cfg)
-  loss, weight, metrics = loss_fn(model, params, batch, None, reference=params)
+  loss, weight, metrics = dpo.make_loss(cfg.dpo)(model, params, batch, {'reference': params}, None)
   assert abs(float(loss) - np.log(2)) < 1e-6 and float(weight) == 4
   assert float(metrics['rewards/chosen']) == 0.0 and float(metrics['rewards/margins']) == 0.0
 
 
-def _dpo_config(test_config, **kw):
+def _dpo_config(test_config, loss_type='sigmoid', **kw):
   from configs import dpo as dpo_cfg
   c = test_config(**kw)
   d = dpo_cfg.get_config()
@@ -110,6 +101,7 @@ def _dpo_config(test_config, **kw):
     c.stage, c.dpo, c.task_eval = 'dpo', d.dpo, d.task_eval
     c.task_eval.exact_match = False
     c.dpo.rpo_alpha = 0.0  # pure DPO: loss ln 2 at the reference
+    c.dpo.loss_type = loss_type
     c.data.name, c.data.text_key, c.data.mix_weights = 'pref_tasks', '', ()
   return c
 
@@ -118,23 +110,39 @@ def _bytes(tree):
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def test_lora_dpo_holds_one_copy_of_the_base(test_config, tmp_path):
+def test_frozen_trees_full_lora_and_reference_free(test_config):
+  """Full DPO holds one reference copy; LoRA DPO one base and no copy; SimPO and
+  ORPO no reference at all."""
   devices = jax.devices()[:1]
-  full = trainer_lib.Trainer(_dpo_config(test_config), str(tmp_path / 'a'), dpo, devices=devices)
-  state, frozen, reference, _ = full.setup_state(None)
+  t = make_trainer(_dpo_config(test_config), devices=devices)
+  state, frozen, _ = init.setup_state(t, None)
   base_bytes = _bytes(state.params)
-  assert _bytes(frozen) == 0 and _bytes(reference) == base_bytes  # full DPO: policy + reference copy
+  assert sorted(frozen) == ['reference'] and _bytes(frozen['reference']) == base_bytes
+  for a, b in zip(jax.tree.leaves(frozen['reference']), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()  # a copy: the step donates state
 
-  lora_t = trainer_lib.Trainer(_dpo_config(test_config, lora__rank=4), str(tmp_path / 'b'), dpo, devices=devices)
-  state, frozen, reference, _ = lora_t.setup_state(None)
-  assert _bytes(frozen) == base_bytes and _bytes(reference) == 0
+  t = make_trainer(_dpo_config(test_config, lora__rank=4), devices=devices)
+  state, frozen, _ = init.setup_state(t, None)
+  assert sorted(frozen) == ['base'] and _bytes(frozen['base']) == base_bytes
   assert _bytes(state.params) < 0.1 * base_bytes  # adapters only
+
+  for loss_type in ('simpo', 'orpo'):
+    t = make_trainer(_dpo_config(test_config, loss_type=loss_type), devices=devices)
+    state, frozen, _ = init.setup_state(t, None)
+    assert frozen == {} and t.stage.frozen == () and t.frozen_shardings == {}
+
+
+def test_unknown_loss_type_is_a_user_error(test_config):
+  from research.errors import UserError
+  with pytest.raises(UserError, match='loss_type'):
+    make_trainer(_dpo_config(test_config, loss_type='kto'))
 
 
 def test_dpo_training_moves_rewards_and_keeps_reference(test_config, tmp_path):
   c = _dpo_config(test_config, steps=8, log_every=1, seq_len=48, optimizer__lr=3e-3, eval_every=8)
   from research.training.metrics import read_metrics
-  trainer_lib.train(c, str(tmp_path / 'run'), devices=jax.devices()[:1])
+  train(c, tmp_path / 'run', devices=jax.devices()[:1])
   rows = [r for r in read_metrics(str(tmp_path / 'run')) if 'train/rewards/margins' in r]
   assert rows[0]['train/loss'] == pytest.approx(np.log(2), abs=1e-6)  # step 1: policy = reference
   late = rows[-3:]
@@ -143,11 +151,10 @@ def test_dpo_training_moves_rewards_and_keeps_reference(test_config, tmp_path):
 
 
 def test_pairs_that_differ_only_beyond_seq_len_are_skipped(tok):
-  from research.stages import reward
   long_pair = {'prompt': 'Q', 'chosen': 'a ' * 40 + 'x', 'rejected': 'a ' * 40 + 'y'}
   short_pair = {'prompt': 'Q', 'chosen': 'x', 'rejected': 'y'}
   rows = [{'json': json.dumps(long_pair)}, {'json': json.dumps(short_pair)}]
-  for render in (None, reward.pair_render(tok, 16, '')):
-    ds = dpo.pair_dataset([rows], [1.0], tok, seq_len=16, batch_size=1, seed=0, shuffle=False,
-                          num_epochs=1, render=render)
+  for side in (pairs.render_side, pairs.render_scored):
+    ds = pairs.pair_dataset([rows], [1.0], pairs.RenderPair(tok, 16, render=side), batch_size=1, seed=0,
+                            shuffle=False, num_epochs=1)
     assert len(list(ds)) == 1  # the short pair only

@@ -29,6 +29,14 @@ def _families():
       'mistral': transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=None),
       'qwen2_bias': transformers.Qwen2Config(**common, num_key_value_heads=2, use_sliding_window=False,
                                              tie_word_embeddings=False),
+      # Qwen3: per-head q/k RMSNorm; a head dim apart from hidden / heads (as in Qwen3,
+      # 128 for hidden 2048 and 16 heads), tied embeddings, and MHA with its own rope base.
+      'qwen3_gqa_headdim': transformers.Qwen3Config(**common, num_key_value_heads=2, head_dim=24,
+                                                    tie_word_embeddings=False, rope_theta=1e6),
+      'qwen3_tied': transformers.Qwen3Config(**common, num_key_value_heads=2, head_dim=16,
+                                             tie_word_embeddings=True),
+      'qwen3_mha_headdim': transformers.Qwen3Config(**common, num_key_value_heads=4, head_dim=32,
+                                                    tie_word_embeddings=False, rope_theta=50000.0),
   }
 
 
@@ -76,11 +84,12 @@ def test_scan_layers_import_matches(family):
 
 
 def test_export_reloads_bit_identical(family, tmp_path):
-  name, _, path = family
+  _, hf_model, path = family
   model, params = hf.load_pretrained(path)
   out = str(tmp_path / 'export')
-  hf.save_pretrained(out, model, params, model_type=name.split('_')[0].rstrip('3'))
+  hf.save_pretrained(out, model, params, model_type=hf_model.config.model_type)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+  assert type(reloaded) is type(hf_model)
   theirs = {k: v.numpy() for k, v in reloaded.state_dict().items()}
   ours = hf.to_hf_state_dict(model.cfg, params)
   for key, value in ours.items():
@@ -120,31 +129,40 @@ def test_unsupported_fields_raise(tmp_path):
     hf.model_config_from_hf(transformers.LlamaConfig(attention_bias=True).to_dict())
   with pytest.raises(UserError, match='model_type'):
     hf.model_config_from_hf({'model_type': 'gpt2'})
+  with pytest.raises(UserError, match='o_proj bias'):
+    hf.model_config_from_hf(transformers.Qwen3Config(attention_bias=True).to_dict())
+  with pytest.raises(UserError, match='sliding'):
+    hf.model_config_from_hf(transformers.Qwen3Config(use_sliding_window=True, sliding_window=64,
+                                                     max_window_layers=1, num_hidden_layers=2).to_dict())
   (tmp_path / 'tokenizer.json').write_text('{}')
   with pytest.raises(UserError, match='tokenizer.json'):
     hf.load_tokenizer(str(tmp_path))
 
 
-def test_init_from_hf_starts_from_those_weights(tmp_path, test_config, corpus_dir):
-  """Step-0 eval loss of a run with init_from=hf:<dir> equals the HF model's loss."""
-  from research.data.tokenizer import train_tokenizer
-  from research.training import trainer as trainer_lib
+@pytest.mark.parametrize('name', ['llama3_gqa_scaled', 'qwen3_gqa_headdim'])
+def test_init_from_hf_starts_from_those_weights(name, tmp_path, test_config, tok):
+  """Step-0 eval loss of a run with init_from=hf:<dir> equals the HF model's loss;
+  the run takes the checkpoint's family and architecture."""
+  from conftest import train
   from research.training.metrics import read_metrics
-  texts = [open(os.path.join(corpus_dir, f)).read() for f in sorted(os.listdir(corpus_dir))]
-  tok = train_tokenizer(texts, 512)
-  hf_model = _random_hf_model(_families()['llama3_gqa_scaled'], seed=3)
+  hf_model = _random_hf_model(_families()[name], seed=3)
   path = str(tmp_path / 'hf')
   hf_model.save_pretrained(path, safe_serialization=True)
   tok.save(os.path.join(path, 'tokenizer.model'))  # as Llama-2 checkpoints ship one
 
   config = test_config(steps=1, init_from=f'hf:{path}', eval_batches=1, seq_len=48)
   workdir = str(tmp_path / 'run')
-  trainer_lib.train(config, workdir, devices=jax.devices()[:1])
+  train(config, workdir, devices=jax.devices()[:1])
   eval0 = next(r['eval/loss'] for r in read_metrics(workdir) if r['step'] == 0)
+  import json
+  with open(os.path.join(workdir, 'config.json')) as f:
+    model_section = json.load(f)['model']
+  assert model_section['family'] == name.split('_')[0].rstrip('3').replace('qwen', 'qwen3')
+  assert model_section['head_dim'] == hf_model.config.head_dim
 
   # The HF loss on the same eval batch, document segment by document segment.
   from research.stages import pretrain
-  batch = pretrain.eval_batches(config, tok)[0]
+  batch = pretrain.stage(config).eval_batches(tok)[0]
   total, count = 0.0, 0
   for row in range(batch['inputs'].shape[0]):
     seg = batch['segment_ids'][row]
@@ -160,10 +178,10 @@ def test_init_from_hf_starts_from_those_weights(tmp_path, test_config, corpus_di
 
 
 def test_export_cli_writes_a_loadable_checkpoint(tmp_path, test_config):
+  from conftest import train
   from research import export
-  from research.training import trainer as trainer_lib
   workdir = str(tmp_path / 'run')
-  trainer_lib.train(test_config(steps=2, model__qkv_bias=True), workdir, devices=jax.devices()[:1])
+  train(test_config(steps=2, model__qkv_bias=True), workdir, devices=jax.devices()[:1])
   out = export.export(workdir, str(tmp_path / 'out'))
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
   assert reloaded.config.model_type == 'qwen2' and os.path.exists(os.path.join(out, 'tokenizer.model'))

@@ -1,5 +1,6 @@
 """Model correctness against independent references (numpy, closed forms)."""
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -8,15 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.models import llama
-from research.models.llama import ModelConfig, Transformer, init_cache
+from research.models import layers
+from research.models.llama import Config, Model, init_cache
 
-CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+CFG = Config(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   qkv_bias=True)
 
 
 def _init(cfg, T=12, seed=0):
-  model = Transformer(cfg)
+  model = Model(cfg)
   tokens = jnp.zeros((1, T), jnp.int32)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens))['params']
   # Random (not tiny) norm scales and biases so every parameter matters.
@@ -86,14 +87,14 @@ def _numpy_rope(x, pos, inv):  # x [T, D]; rotate pairs (i, i + D/2)
 
 @pytest.mark.parametrize('theta,factor', [(10000.0, 0.0), (500000.0, 8.0)])
 def test_rope_against_numpy(theta, factor):
-  cfg = ModelConfig(d_model=64, n_heads=1, head_dim=64, rope_theta=theta, rope_scaling_factor=factor,
+  cfg = Config(d_model=64, n_heads=1, head_dim=64, rope_theta=theta, rope_scaling_factor=factor,
                     rope_original_max_len=8192)
-  inv = np.asarray(llama.rope_inv_freq(cfg))
+  inv = np.asarray(layers.rope_inv_freq(cfg.head_dim, cfg.rope))
   np.testing.assert_allclose(inv, _numpy_inv_freq(64, theta, factor), rtol=1e-5)
   x = np.random.RandomState(0).randn(6, 64).astype(np.float32)
   # Angles are float32 (as in HF); beyond ~1000 rad their rounding alone exceeds 1e-4.
   pos = np.asarray([0, 1, 5, 100, 517, 1000])
-  got = llama.apply_rope(jnp.asarray(x)[None, :, None, :], jnp.asarray(pos)[None], jnp.asarray(inv))
+  got = layers.apply_rope(jnp.asarray(x)[None, :, None, :], jnp.asarray(pos)[None], jnp.asarray(inv))
   np.testing.assert_allclose(np.asarray(got)[0, :, 0], _numpy_rope(x, pos, inv), rtol=1e-4, atol=1e-4)
 
 
@@ -102,7 +103,7 @@ def _numpy_forward(params, cfg, tokens):
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   x = p['embed']['embedding'][tokens]
   T = tokens.shape[0]
-  inv = _numpy_inv_freq(cfg.dh, cfg.rope_theta)
+  inv = _numpy_inv_freq(cfg.head_dim, cfg.rope_theta)
   pos = np.arange(T)
 
   def norm(v, scale):
@@ -121,7 +122,7 @@ def _numpy_forward(params, cfg, tokens):
     heads = []
     for j in range(cfg.n_heads):
       kj, vj = k[:, j // group], v[:, j // group]
-      s = q[:, j] @ kj.T / math.sqrt(cfg.dh)
+      s = q[:, j] @ kj.T / math.sqrt(cfg.head_dim)
       s = np.where(np.tril(np.ones((T, T))) > 0, s, -np.inf)
       w = np.exp(s - s.max(-1, keepdims=True))
       heads.append((w / w.sum(-1, keepdims=True)) @ vj)
@@ -134,7 +135,7 @@ def _numpy_forward(params, cfg, tokens):
   return x @ p['lm_head']['kernel']
 
 
-@pytest.mark.parametrize('cfg', [CFG, ModelConfig(**{**CFG.__dict__, 'n_kv_heads': 4})],
+@pytest.mark.parametrize('cfg', [CFG, dataclasses.replace(CFG, n_kv_heads=4)],
                          ids=['gqa', 'mha'])  # attention takes a different einsum path when H == K
 def test_forward_matches_numpy_reference(cfg):
   model, params = _init(cfg)
@@ -160,17 +161,17 @@ def test_kv_cache_decode_matches_full_forward():
 
 def test_scan_layers_matches_loop():
   model, params = _init(CFG)
-  scan_cfg = ModelConfig(**{**CFG.__dict__, 'scan_layers': True, 'remat': 'full'})
+  scan_cfg = dataclasses.replace(CFG, scan_layers=True, remat='full')
   stacked = {k: v for k, v in params.items() if not k.startswith('layers_')}
   stacked['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f'layers_{i}'] for i in range(2)])
   tok = _tokens(2, 12)
   a, _ = model.apply({'params': params}, tok)
-  b, _ = Transformer(scan_cfg).apply({'params': stacked}, tok)
+  b, _ = Model(scan_cfg).apply({'params': stacked}, tok)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 def test_tied_embeddings_and_bf16_compute_run():
-  cfg = ModelConfig(**{**CFG.__dict__, 'tie_embeddings': True, 'dtype': 'bfloat16'})
+  cfg = dataclasses.replace(CFG, tie_embeddings=True, dtype='bfloat16')
   model, params = _init(cfg)
   assert 'lm_head' not in params
   logits, _ = model.apply({'params': params}, _tokens(1, 8))
@@ -180,13 +181,13 @@ def test_tied_embeddings_and_bf16_compute_run():
 def test_scan_layers_gives_same_loss_and_grads_in_training():
   from research.stages import pretrain
   model, params = _init(CFG)
-  scan_model = Transformer(ModelConfig(**{**CFG.__dict__, 'scan_layers': True, 'remat': 'dots_saveable'}))
+  scan_model = Model(dataclasses.replace(CFG, scan_layers=True, remat='dots_saveable'))
   stacked = {k: v for k, v in params.items() if not k.startswith('layers_')}
   stacked['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f'layers_{i}'] for i in range(2)])
   tok = _tokens(2, 13)
   batch = {'inputs': tok[:, :-1], 'targets': tok[:, 1:], 'segment_ids': jnp.ones((2, 12), jnp.int32),
            'positions': jnp.broadcast_to(jnp.arange(12), (2, 12))}
-  f = lambda m: jax.value_and_grad(lambda p: pretrain.loss(m, p, batch, None)[0])
+  f = lambda m: jax.value_and_grad(lambda p: pretrain.loss(m, p, batch, {}, None)[0])
   loss_a, grads_a = f(model)(params)
   loss_b, grads_b = f(scan_model)(stacked)
   np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-6)
@@ -198,7 +199,7 @@ def test_scan_layers_gives_same_loss_and_grads_in_training():
 
 def test_dot_product_attention_impl_matches_einsum():
   model, params = _init(CFG)
-  xla = Transformer(ModelConfig(**{**CFG.__dict__, 'attention_impl': 'xla'}))
+  xla = Model(dataclasses.replace(CFG, attention_impl='xla'))
   tok = _tokens(2, 12)
   seg = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12])
   a, _ = model.apply({'params': params}, tok, None, seg)
@@ -211,12 +212,12 @@ def test_hand_written_backward_rules_match_autodiff():
   autodiff of the plain formulas, on random inputs and cotangents."""
   k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
   x, g = 3 * jax.random.normal(k1, (3, 5, 7)), jax.random.normal(k2, (3, 5, 7))
-  x = x.at[0, 0, :3].set(llama._MASK_VALUE)  # masked scores, as attention feeds them
+  x = x.at[0, 0, :3].set(layers.MASK_VALUE)  # masked scores, as attention feeds them
   want = jax.vjp(lambda v: jax.nn.softmax(v, axis=-1), x)[1](g)[0]
-  got = jax.vjp(llama._softmax, x)[1](g)[0]
+  got = jax.vjp(layers.softmax, x)[1](g)[0]
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
   gate, up = 3 * jax.random.normal(k3, (4, 6)), jax.random.normal(k4, (4, 6))
   want = jax.vjp(lambda a, b: jax.nn.silu(a) * b, gate, up)[1](g[0, :4, :6])
-  got = jax.vjp(llama._swiglu, gate, up)[1](g[0, :4, :6])
+  got = jax.vjp(layers.swiglu, gate, up)[1](g[0, :4, :6])
   for a, b in zip(got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -2,28 +2,21 @@
 against numpy, init from a language model, training and loading for RL."""
 
 import json
-import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.data import pref_sources
-from research.data.tokenizer import train_tokenizer
+from conftest import init_params, make_trainer, train
+from research import rewards
+from research.data import chat, pairs, pref_sources
 from research.errors import UserError
-from research.models.llama import ModelConfig, Transformer
-from research.stages import dpo, pretrain, reward
+from research.models.llama import Config, Model
+from research.stages import reward
 from research.training import checkpoint as ckpt_lib
-from research.training import trainer as trainer_lib
+from research.training import init
 from research.training.metrics import read_metrics
-
-
-@pytest.fixture(scope='module')
-def tok(corpus_dir):
-  texts = [open(os.path.join(corpus_dir, f)).read() for f in sorted(os.listdir(corpus_dir))]
-  return train_tokenizer(texts, 512)
 
 
 def test_score_head_matches_transformers_sequence_classifier(tmp_path):
@@ -52,9 +45,7 @@ def test_score_head_matches_transformers_sequence_classifier(tmp_path):
     want = theirs(torch.tensor(tokens)).logits[:, 0].numpy()
   seg = (tokens > 0).astype(np.int32)
   pos = np.where(seg > 0, np.arange(12), 0)
-  last = np.zeros_like(seg)
-  last[np.arange(3), np.array(lengths) - 1] = 1
-  got = np.asarray(reward.scores(model, params, tokens, pos, seg, last))
+  got = np.asarray(rewards.scores(model, params, tokens, pos, seg, np.array(lengths) - 1))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
   hf.save_pretrained(str(tmp_path / 'out'), model, params)  # and back: transformers loads ours
@@ -65,40 +56,37 @@ def test_score_head_matches_transformers_sequence_classifier(tmp_path):
 
 def _pair_batch(tok, n=4, seq_len=48):
   rows = [{'json': json.dumps(r)} for _, r in pref_sources.task_pairs('train', n)]
-  render = reward.pair_render(tok, seq_len, '')
-  ds = dpo.pair_dataset([rows], [1.0], tok, seq_len=seq_len, batch_size=n, seed=0, shuffle=False,
-                        num_epochs=1, render=render)
+  ds = pairs.pair_dataset([rows], [1.0], pairs.RenderPair(tok, seq_len, render=pairs.render_scored),
+                          batch_size=n, seed=0, shuffle=False, num_epochs=1)
   return rows, next(iter(ds))
+
+
+def _reference_reward(model, params, tok, messages):
+  """Independent of the pipeline's padding and score index: render, drop the
+  closing <|end|>, forward the unpadded sequence, read the final position."""
+  ids, _ = chat.render(messages, tok, mask='completion')
+  assert ids[-1] == tok.special_id('<|end|>')
+  out, _ = model.apply({'params': params}, jnp.asarray([ids[:-1]]))
+  return float(out[0, -1, 0])
 
 
 def test_loss_matches_numpy_on_unpadded_forwards(tok):
   rows, batch = _pair_batch(tok)
-  model = Transformer(ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                                  d_ff=64, head='score'))
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), jnp.zeros((1, 4), jnp.int32)))['params']
-  end = tok.special_id('<|end|>')
-
-  def reference_reward(messages):
-    # Independent of the pipeline's padding and score mask: render, drop the
-    # closing <|end|>, forward the unpadded sequence, read the final position.
-    from research.data import chat
-    ids, _ = chat.render(messages, tok, mask='completion')
-    assert ids[-1] == end
-    out, _ = model.apply({'params': params}, jnp.asarray([ids[:-1]]))
-    return float(out[0, -1, 0])
-
-  pairs = [dpo.pair_messages(r) for r in rows[:4]]  # the first batch
-  rc = np.array([reference_reward(c) for c, _ in pairs])
-  rr = np.array([reference_reward(r) for _, r in pairs])
+  assert batch['chosen_score_index'].shape == (4,) and batch['chosen_inputs'].shape == (4, 48)
+  model = Model(Config(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, head='score'))
+  params = init_params(model, seed=1)
+  sides = [pairs.pair_messages(r) for r in rows[:4]]  # the first batch
+  rc = np.array([_reference_reward(model, params, tok, c) for c, _ in sides])
+  rr = np.array([_reference_reward(model, params, tok, r) for _, r in sides])
   margin, coef = 0.3, 0.05
   diff = rc - rr - margin
   want = np.mean(np.log1p(np.exp(-diff))) + coef * np.mean((rc + rr) ** 2)
 
   from configs import reward as reward_cfg
-  c = reward_cfg.get_config()
-  c.reward.margin, c.reward.center_coef = margin, coef
+  c = reward_cfg.get_config().reward
+  c.margin, c.center_coef = margin, coef
   loss, weight, metrics = reward.make_loss(c)(model, params, {k: jnp.asarray(v) for k, v in batch.items()},
-                                              None)
+                                              {}, None)
   assert float(weight) == 4
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   assert float(metrics['accuracy']) == np.mean(rc > rr)
@@ -116,52 +104,79 @@ def _reward_config(test_config, **kw):
   return c
 
 
-def test_reward_run_from_a_language_model_trains_and_loads_for_rl(test_config, tmp_path, tok):
-  devices = jax.devices()[:1]
-  lm_run = str(tmp_path / 'lm')
-  trainer_lib.train(test_config(steps=2, checkpoint_every=2), lm_run, devices=devices)
-  lm = trainer_lib.Trainer(test_config(), lm_run, pretrain, devices=devices)
-  lm_state, _, _, _ = lm.setup_state(ckpt_lib.Checkpointer(lm_run))
+@pytest.fixture(scope='module')
+def lm_run(tmp_path_factory, corpus_dir, data_dir):
+  """A two-step language-model run to start reward models from."""
+  from conftest import make_test_config
+  run = str(tmp_path_factory.mktemp('lm'))
+  train(make_test_config(corpus_dir, data_dir, steps=2, checkpoint_every=2), run, devices=jax.devices()[:1])
+  return run
 
-  # The backbone is the language model's, bit for bit; its output layer is dropped.
-  cfg = _reward_config(test_config, steps=12, log_every=1, eval_every=12, checkpoint_every=12,
-                       seq_len=48, init_from=lm_run, optimizer__lr=1e-2)
-  t = trainer_lib.Trainer(cfg, str(tmp_path / 'rm0'), reward, devices=devices)
-  state, _, _, _ = t.setup_state(None)
+
+def test_backbone_comes_from_the_language_model_and_its_head_is_new(lm_run, test_config):
+  devices = jax.devices()[:1]
+  lm_state, _, _ = init.setup_state(make_trainer(test_config(), devices), ckpt_lib.Checkpointer(lm_run))
+  t = make_trainer(_reward_config(test_config, init_from=lm_run), devices)
+  state, frozen, _ = init.setup_state(t, None)
+  assert frozen == {}
   assert 'lm_head' in lm_state.params and 'lm_head' not in state.params
-  assert state.params['score']['kernel'].shape == (cfg.model.d_model, 1)
-  for name in lm_state.params:
+  assert state.params['score']['kernel'].shape == (t.config.model.d_model, 1)
+  for name in lm_state.params:  # bit for bit
     if name != 'lm_head':
       for a, b in zip(jax.tree.leaves(state.params[name]), jax.tree.leaves(lm_state.params[name])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-  # A model that does not fit the checkpoint is still an error, head or not.
-  bad = _reward_config(test_config, init_from=lm_run, model__n_layers=3)
+
+def test_model_that_does_not_fit_the_checkpoint_is_an_error(lm_run, test_config):
+  t = make_trainer(_reward_config(test_config, init_from=lm_run, model__n_layers=3), jax.devices()[:1])
   with pytest.raises(UserError, match='do not fit'):
-    trainer_lib.Trainer(bad, str(tmp_path / 'bad'), reward, devices=devices).setup_state(None)
+    init.setup_state(t, None)
+  lm_head = _reward_config(test_config)
+  lm_head.model.head = 'lm'
+  with pytest.raises(UserError, match="head='score'"):
+    make_trainer(lm_head)
 
-  # With LoRA the new head trains in full next to the adapters.
-  lora_t = trainer_lib.Trainer(_reward_config(test_config, init_from=lm_run, lora__rank=4),
-                               str(tmp_path / 'rl'), reward, devices=devices)
-  lora_state, frozen, _, _ = lora_t.setup_state(None)
-  assert 'score' in lora_state.params and 'score' not in frozen
 
+def test_lora_reward_model_trains_the_head_in_full(lm_run, test_config):
+  t = make_trainer(_reward_config(test_config, init_from=lm_run, lora__rank=4), jax.devices()[:1])
+  state, frozen, _ = init.setup_state(t, None)
+  assert 'score' in state.params and 'score' not in frozen['base']
+  assert {'lora_a', 'lora_b'} == set(state.params['layers_0']['attn']['q'])
+
+
+def test_training_lowers_the_loss_and_logs_exact_eval_accuracy(lm_run, test_config, tmp_path, tok):
+  cfg = _reward_config(test_config, steps=12, log_every=1, eval_every=12, checkpoint_every=12,
+                       seq_len=48, init_from=lm_run, optimizer__lr=1e-2, eval_batches=1)
   run = str(tmp_path / 'rm')
-  trainer_lib.train(cfg, run, devices=devices)
+  train(cfg, run, devices=jax.devices()[:1])
   rows = read_metrics(run)
   train_rows = [r for r in rows if 'train/accuracy' in r]
   assert len(train_rows) == 12
   assert np.mean([r['train/loss'] for r in train_rows[-4:]]) < np.mean([r['train/loss'] for r in train_rows[:4]])
   evals = [r for r in rows if 'eval/accuracy' in r]
-  assert [r['step'] for r in evals] == [0, 12] and 0 <= evals[-1]['eval/accuracy'] <= 1
+  assert [r['step'] for r in evals] == [0, 12] and 'eval/perplexity' not in evals[-1]
 
-  # Loaded for RL: scoring conversations equals an unpadded forward of the trained model.
-  rm = reward.load_reward_model(run)
-  pairs = [dpo.pair_messages({'json': json.dumps(r)}) for _, r in pref_sources.task_pairs('validation', 3)]
-  convos = [c for pair in pairs for c in pair]
+  # eval/accuracy is the share of the held-out batch's pairs the trained model ranks
+  # right, recomputed pair by pair with unpadded forwards of the loaded run.
+  rm = rewards.load_reward_model(run)
+  tokenizer = rm.tokenizer
+  stage = reward.stage(init.resolve_config(cfg))
+  batch = stage.eval_batches(tokenizer)[0]
+  got = []
+  for i in range(cfg.batch_size):
+    side = {s: batch[f'{s}_inputs'][i][:batch[f'{s}_score_index'][i] + 1] for s in pairs.SIDES}
+    r = {s: float(rm.model.apply({'params': rm.params}, jnp.asarray([ids]))[0][0, -1, 0]) for s, ids in side.items()}
+    got.append(1.0 if r['chosen'] > r['rejected'] else 0.5 if r['chosen'] == r['rejected'] else 0.0)
+  assert evals[-1]['eval/accuracy'] == pytest.approx(np.mean(got), abs=1e-6)
+
+
+def test_loaded_for_rl_scores_match_unpadded_forwards(lm_run, test_config, tmp_path):
+  run = str(tmp_path / 'rm')
+  train(_reward_config(test_config, steps=2, checkpoint_every=2, seq_len=48, init_from=lm_run), run,
+        devices=jax.devices()[:1])
+  rm = rewards.load_reward_model(run)
+  sides = [pairs.pair_messages({'json': json.dumps(r)}) for _, r in pref_sources.task_pairs('validation', 3)]
+  convos = [c for pair in sides for c in pair]
   got = rm.score(convos, batch_size=4)
-  from research.data import chat
-  for messages, value in zip(convos, got):
-    ids, _ = chat.render(messages, rm.tokenizer, mask='completion')
-    out, _ = rm.model.apply({'params': rm.params}, jnp.asarray([ids[:-1]]))  # without <|end|>
-    np.testing.assert_allclose(value, float(out[0, -1, 0]), rtol=1e-5, atol=1e-6)
+  want = [_reference_reward(rm.model, rm.params, rm.tokenizer, m) for m in convos]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from research import sampling
-from research.models.llama import ModelConfig, Transformer
+from research.models.llama import Config, Model
 
-CFG = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+CFG = Config(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
 
 
 def _support(logits, **kw):
@@ -39,7 +39,7 @@ def test_sampling_frequencies_follow_temperature():
 
 
 def test_greedy_generate_matches_repeated_full_forward():
-  model = Transformer(CFG)
+  model = Model(CFG)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))['params']
   params = jax.tree.map(lambda x: x * 10, params)  # sharper distributions: fewer near-ties
   prompts = [[5, 9, 2], [7, 1, 3, 3, 8, 4, 2]]  # different lengths: left padding at work
@@ -53,9 +53,60 @@ def test_greedy_generate_matches_repeated_full_forward():
 
 
 def test_stop_token_ends_generation():
-  model = Transformer(CFG)
+  model = Model(CFG)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))['params']
   first = sampling.generate(model, params, [[1, 2, 3]], max_new_tokens=6)[0]
   stop = first[2]
   out = sampling.generate(model, params, [[1, 2, 3]], max_new_tokens=6, stop_tokens=(stop,))[0]
   assert out == first[:first.index(stop) + 1]
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_rollout_logprobs_and_mask_against_full_forwards():
+  """Each sampled token's log-prob is the one of the distribution it was drawn
+  from (temperature 1.5, top-k 5, recomputed in numpy from full forwards); the
+  mask covers tokens up to and including the first stop token."""
+  model = Model(CFG)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))['params']
+  prompts = [[5, 9, 2], [7, 1, 3, 3, 8, 4, 2]]
+  tokens, segs, pos = sampling.left_pad(prompts)
+  T, K = 1.5, 5
+  free = sampling.rollout(model, params, tokens, segs, pos, jax.random.PRNGKey(3), np.zeros((0,), np.int32),
+                          max_new_tokens=6, temperature=T, top_k=K)
+  out, logps = np.asarray(free['tokens']), np.asarray(free['logps'])
+  assert np.asarray(free['mask']).all() and np.asarray(free['truncated']).all()  # no stop token
+  for b, prompt in enumerate(prompts):
+    seq = list(prompt) + out[b].tolist()
+    logits = np.asarray(model.apply({'params': params}, jnp.asarray([seq]))[0][0], np.float64)
+    for i in range(6):
+      row = logits[len(prompt) - 1 + i] / T
+      kth = np.sort(row)[-K]
+      want = _log_softmax(np.where(row < kth, -1e30, row))[out[b, i]]
+      np.testing.assert_allclose(logps[b, i], want, rtol=1e-4, atol=1e-4)
+
+  stop = int(out[0, 2])  # stop on row 0's third token, with the same random stream
+  stopped = sampling.rollout(model, params, tokens, segs, pos, jax.random.PRNGKey(3),
+                             np.asarray([stop], np.int32), max_new_tokens=6, temperature=T, top_k=K)
+  first = [int(np.argmax(out[b] == stop)) if (out[b] == stop).any() else 6 for b in range(2)]
+  for b in range(2):
+    n = min(first[b] + 1, 6)
+    assert np.asarray(stopped['mask'])[b].tolist() == [1] * n + [0] * (6 - n)
+    np.testing.assert_array_equal(np.asarray(stopped['tokens'])[b, :n], out[b, :n])
+    assert (np.asarray(stopped['tokens'])[b, n:] == 0).all() and (np.asarray(stopped['logps'])[b, n:] == 0).all()
+    assert bool(np.asarray(stopped['truncated'])[b]) == (first[b] == 6)
+
+
+def test_greedy_rollout_logprobs_are_the_models():
+  model = Model(CFG)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), jnp.zeros((1, 4), jnp.int32)))['params']
+  tokens, segs, pos = sampling.left_pad([[4, 4, 8]])
+  r = sampling.rollout(model, params, tokens, segs, pos, jax.random.PRNGKey(0), np.zeros((0,), np.int32),
+                       max_new_tokens=4)
+  seq = [4, 4, 8] + np.asarray(r['tokens'])[0].tolist()
+  logits = np.asarray(model.apply({'params': params}, jnp.asarray([seq]))[0][0], np.float64)
+  want = [_log_softmax(logits[2 + i])[seq[3 + i]] for i in range(4)]
+  np.testing.assert_allclose(np.asarray(r['logps'])[0], want, rtol=1e-4, atol=1e-5)

@@ -1,29 +1,21 @@
 """Chat template, loss masks, SFT data and its packing."""
 
 import json
-import os
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.data import chat, sft_sources, sources
-from research.data.tokenizer import train_tokenizer
+from conftest import init_params
+from research.data import chat, registry, sft_sources
+from research.data import sft as sft_data
 from research.errors import UserError
-from research.models.llama import ModelConfig, Transformer
+from research.models.llama import Config, Model
 from research.stages import sft
 
 CONVO = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi there'},
          {'role': 'assistant', 'content': 'Hello.'}, {'role': 'user', 'content': 'Add 2 and 3'},
          {'role': 'assistant', 'content': '5'}]
-
-
-@pytest.fixture(scope='module')
-def tok(corpus_dir):
-  texts = [open(os.path.join(corpus_dir, f)).read() for f in sorted(os.listdir(corpus_dir))]
-  return train_tokenizer(texts, 512)
 
 
 def _expected(tok, mask):
@@ -79,14 +71,12 @@ def test_generated_tasks_are_correct_and_held_out():
 
 
 def _tiny_model():
-  cfg = ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
-  model = Transformer(cfg)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))['params']
-  return model, params
+  model = Model(Config(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64))
+  return model, init_params(model)
 
 
 def _batches(tok, rows, packing, seq_len=64):
-  ds = sft.sft_dataset([rows], [1.0], tok, seq_len=seq_len, batch_size=1, seed=0,
+  ds = sft_data.sft_dataset([rows], [1.0], tok, seq_len=seq_len, batch_size=1, seed=0,
                        packing=packing, shuffle=False, num_epochs=1)
   return [{k: jnp.asarray(v) for k, v in b.items()} for b in ds]
 
@@ -95,14 +85,14 @@ def test_loss_mask_prompt_targets_do_not_count(tok):
   model, params = _tiny_model()
   rows = [{'json': json.dumps({'messages': CONVO})}]
   batch = _batches(tok, rows, packing=False)[0]
-  base = float(sft.loss(model, params, batch, None)[0])
+  base = float(sft.loss(model, params, batch, {}, None)[0])
   mask = np.asarray(batch['loss_mask'][0])
   seg = np.asarray(batch['segment_ids'][0])
   prompt_pos = int(np.nonzero((mask == 0) & (seg > 0))[0][3])
   answer_pos = int(np.nonzero(mask == 1)[0][0])
   for pos, should_change in ((prompt_pos, False), (answer_pos, True)):
     t = batch['targets'].at[0, pos].set((batch['targets'][0, pos] + 7) % 512)
-    new = float(sft.loss(model, params, {**batch, 'targets': t}, None)[0])
+    new = float(sft.loss(model, params, {**batch, 'targets': t}, {}, None)[0])
     assert (new != base) == should_change, (pos, base, new)
 
 
@@ -112,7 +102,7 @@ def test_packed_and_padded_give_the_same_token_losses(tok):
   packed, padded = _batches(tok, rows, True), _batches(tok, rows, False)
   assert len(padded) == 6 and len(packed) < 6  # several examples share a packed row
   def total(batches):
-    sums = [sft.loss(model, params, b, None) for b in batches]
+    sums = [sft.loss(model, params, b, {}, None) for b in batches]
     return sum(float(l) * float(n) for l, n, _ in sums), sum(float(n) for _, n, _ in sums)
   (sp, np_), (sd, nd) = total(packed), total(padded)
   assert np_ == nd and abs(sp - sd) / sd < 1e-5
@@ -122,18 +112,18 @@ def test_malformed_rows_are_counted(tmp_path, data_dir, capsys):
   path = tmp_path / 'sft.jsonl'
   good = [json.dumps({'prompt': f'q{i}', 'response': f'a{i}'}) for i in range(40)]
   path.write_text('\n'.join(good + ['{bad', json.dumps({'prompt': 'no response'})]) + '\n')
-  src = sources.open_split('files', 'train', data_dir=data_dir, files=str(path), text_key='')
-  val = sources.open_split('files', 'validation', data_dir=data_dir, files=str(path), text_key='')
+  src = registry.open_split('files', 'train', data_dir=data_dir, files=str(path), text_key='')
+  val = registry.open_split('files', 'validation', data_dir=data_dir, files=str(path), text_key='')
   assert len(src) + len(val) == 42
   # Which split a row lands in hashes its key (which holds tmp_path), so count per split.
-  bad = {name: sum(sft.example_messages(s[i], '') is None for i in range(len(s)))
+  bad = {name: sum(sft_data.example_messages(s[i], '') is None for i in range(len(s)))
          for name, s in (('train', src), ('validation', val))}
   assert bad['train'] + bad['validation'] == 2
-  sft.check_rows(src, 'files', '')  # 40 good rows: never all bad
+  sft_data.check_rows(src, 'files', '')  # 40 good rows: never all bad
   out = capsys.readouterr().out
   assert (f'skipped {bad["train"]} malformed of the first {len(src)} rows' in out) == (bad['train'] > 0)
   bad = tmp_path / 'bad.jsonl'
   bad.write_text('{"x": 1}\n{"y": 2}\n{"z": 3}\n')
-  src = sources.open_split('files', 'train', data_dir=data_dir, files=str(bad), text_key='')
+  src = registry.open_split('files', 'train', data_dir=data_dir, files=str(bad), text_key='')
   with pytest.raises(UserError, match='malformed'):
-    sft.check_rows(src, 'files', '')
+    sft_data.check_rows(src, 'files', '')

@@ -1,12 +1,11 @@
 """The shared trainer: mesh equivalence, FSDP shards, accumulation, warm start, restore."""
 
 import jax
-import numpy as np
 import pytest
 
+from conftest import make_trainer, train
 from research.errors import UserError
-from research.stages import pretrain
-from research.training import trainer as trainer_lib
+from research.training import init
 from research.training.metrics import read_metrics
 
 
@@ -15,7 +14,7 @@ def _losses(workdir):
 
 
 def _run(config, workdir, devices=None):
-  trainer_lib.train(config, str(workdir), devices=devices)
+  train(config, workdir, devices=devices)
   return _losses(str(workdir))
 
 
@@ -45,10 +44,9 @@ def test_mesh_gives_same_losses_as_one_device(mesh, kv, baselines, test_config, 
     assert abs(got[step] - want[step]) / abs(want[step]) < 1e-5, (step, got[step], want[step])
 
 
-def test_fsdp_shards_parameters_and_moments(test_config, tmp_path):
-  c = test_config(mesh__data=1, mesh__fsdp=8)
-  t = trainer_lib.Trainer(c, str(tmp_path), pretrain)
-  state, _ = t.init_state()
+def test_fsdp_shards_parameters_and_moments(test_config):
+  t = make_trainer(test_config(mesh__data=1, mesh__fsdp=8))
+  state, _ = init.init_state(t)
   mu = state.opt_state[1][0].mu  # chain(clip, adamw) -> adamw's ScaleByAdamState
   for tree in (state.params, mu):
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -76,17 +74,35 @@ def test_init_from_and_restore_on_another_mesh(test_config, tmp_path):
   # Warm start: a new run's step-0 eval loss equals the source's final eval loss.
   src_eval = [r['eval/loss'] for r in read_metrics(str(src)) if 'eval/loss' in r][-1]
   warm = tmp_path / 'warm'
-  trainer_lib.train(test_config(steps=1, init_from=str(src)), str(warm))
+  train(test_config(steps=1, init_from=str(src)), warm)
   warm_eval0 = next(r['eval/loss'] for r in read_metrics(str(warm)) if r['step'] == 0)
   assert abs(warm_eval0 - src_eval) < 1e-5
 
 
-def test_config_errors_are_user_errors(test_config, tmp_path):
+def test_config_errors_are_user_errors(test_config):
   with pytest.raises(UserError, match='config.mesh.data'):
-    trainer_lib.Trainer(test_config(mesh__data=3), str(tmp_path), pretrain)
+    make_trainer(test_config(mesh__data=3))
   with pytest.raises(UserError, match='config.batch_size=12'):
-    trainer_lib.Trainer(test_config(batch_size=12), str(tmp_path), pretrain)
+    make_trainer(test_config(batch_size=12))
   with pytest.raises(UserError, match='n_kv_heads'):
-    trainer_lib.Trainer(test_config(model__n_kv_heads=3), str(tmp_path), pretrain)
+    make_trainer(test_config(model__n_kv_heads=3))
   with pytest.raises(UserError, match='cannot be split'):
-    trainer_lib.Trainer(test_config(mesh__data=1, mesh__tensor=8), str(tmp_path), pretrain)
+    make_trainer(test_config(mesh__data=1, mesh__tensor=8))
+  with pytest.raises(UserError, match='config.model.family'):
+    make_trainer(test_config(model__family='gpt2'))
+
+
+def test_stage_hooks_run_after_their_steps_and_see_the_state(test_config, tmp_path):
+  import dataclasses
+  from research.stages import pretrain
+  from research.training import loop
+  from research.training.stage import Hook
+  config = test_config(steps=5, eval_every=100, checkpoint_every=100)
+  seen = []
+  hook = Hook(2, lambda run, step: seen.append((step, int(run.state.step), sorted(run.last))))
+  stage = dataclasses.replace(pretrain.stage(config), hooks=(hook,))
+  loop.train(config, str(tmp_path), stage, devices=jax.devices()[:1])
+  assert [s for s, _, _ in seen] == [2, 4, 5]  # every 2nd step and the last
+  assert all(step == state_step for step, state_step, _ in seen)
+  # Built-in hooks ran first at the last step: its eval metrics are already logged.
+  assert 'eval/loss' in seen[-1][2] and 'train/loss' in seen[-1][2]

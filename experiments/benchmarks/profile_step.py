@@ -94,9 +94,9 @@ def classify(instr, comps) -> str:
 
 
 def source(op_name: str) -> str:
-  """'jit(_train_step)/transpose(jvp(Transformer))/layers_0/attn/q/dot_general' ->
+  """'jit(train_step)/transpose(jvp(Transformer))/layers_0/attn/q/dot_general' ->
   'bwd layers_*/attn/q/dot_general'."""
-  s = op_name.replace('jit(_train_step)/', '')
+  s = op_name.replace('jit(train_step)/', '')
   phase = 'bwd' if s.startswith('transpose(') else ('fwd' if s.startswith('jvp(') else 'opt')
   s = re.sub(r'^(transpose\()?jvp\([^)]*\)\)?/?', '', s)
   s = re.sub(r'layers_\d+', 'layers_*', s)
@@ -107,11 +107,11 @@ def profile_jax(steps: int, dump: str, attention: str):
   import jax  # pylint: disable=import-outside-toplevel
   t, state, frozen, b, compiled, _ = compiled_step(dict(REFERENCE, attention_impl=attention),
                                                    REF_BATCH, REF_SEQ)
-  with t._context():  # pylint: disable=protected-access
+  with t.mesh_context():
     state, wall = time_steps(compiled, state, b, frozen, steps, warmup=3)
     with jax.profiler.trace(dump):
       for _ in range(steps):
-        state, _ = compiled(state, b, frozen, {})
+        state, _ = compiled(state, b, frozen)
       jax.block_until_ready(state)
   hlo = compiled.as_text()
   with open(f'{dump}/train_step.hlo.txt', 'w') as f:
@@ -123,7 +123,7 @@ def profile_jax(steps: int, dump: str, attention: str):
     for line in plane.lines:
       for ev in line.events:
         stats = dict(ev.stats)
-        if stats.get('hlo_module') == 'jit__train_step' and 'hlo_op' in stats:
+        if stats.get('hlo_module') == 'jit_train_step' and 'hlo_op' in stats:
           events.append((ev.start_ns, ev.start_ns + ev.duration_ns, stats['hlo_op']))
   own, busy, calls = attribute_wall_time(events)
   rows = []

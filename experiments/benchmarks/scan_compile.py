@@ -16,6 +16,7 @@ import jax
 
 from configs import pretrain
 from research.stages import pretrain as pretrain_stage
+from research.training.dry_run import abstract_batch
 from research.training.trainer import Trainer
 
 
@@ -25,12 +26,10 @@ def compile_seconds(layers: int, scan: bool) -> float:
   c.model.n_layers = layers
   c.model.scan_layers = scan
   c.mesh.data = 1
-  trainer = Trainer(c, '/tmp/unused', pretrain_stage, devices=jax.devices()[:1])
-  batch = {k: jax.ShapeDtypeStruct((c.batch_size, c.seq_len), 'int32', sharding=trainer.batch_sharding)
-           for k in ('inputs', 'targets', 'segment_ids', 'positions')}
+  trainer = Trainer(c, pretrain_stage.stage(c), devices=jax.devices()[:1])
   t0 = time.time()
-  with trainer._context():  # pylint: disable=protected-access
-    trainer.train_step.lower(trainer.abstract_state, batch, {}, {}).compile()
+  with trainer.mesh_context():
+    trainer.train_step.lower(trainer.abstract_state, abstract_batch(trainer), {}).compile()
   return time.time() - t0
 
 

@@ -78,19 +78,20 @@ def compiled_step(model_fields, batch, seq, dtype='float32'):
   """(trainer, state, frozen, global batch, compiled train step, compile seconds) for
   the project's jitted train step on one device and a random token batch."""
   import jax  # pylint: disable=import-outside-toplevel
-  from research.stages import pretrain as stage  # pylint: disable=import-outside-toplevel
+  from research.stages import pretrain  # pylint: disable=import-outside-toplevel
+  from research.training import init  # pylint: disable=import-outside-toplevel
   from research.training.trainer import Trainer  # pylint: disable=import-outside-toplevel
   c = _config(model_fields, batch, seq, dtype)
-  t = Trainer(c, tempfile.mkdtemp(), stage, devices=jax.devices()[:1])
-  state, frozen = t.init_state()
+  t = Trainer(c, pretrain.stage(c), devices=jax.devices()[:1])
+  state, frozen = init.setup_state(t, None)[:2]
   toks = _tokens(batch, seq, model_fields['vocab_size'])
   host = {'inputs': toks[:, :-1], 'targets': toks[:, 1:],
           'segment_ids': np.ones((batch, seq), np.int32),
           'positions': np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
-  with t._context():  # pylint: disable=protected-access
+  with t.mesh_context():
     b = t.to_global(host)
     t0 = time.perf_counter()
-    compiled = t.train_step.lower(state, b, frozen, {}).compile()
+    compiled = t.train_step.lower(state, b, frozen).compile()
   return t, state, frozen, b, compiled, time.perf_counter() - t0
 
 
@@ -100,21 +101,21 @@ def time_steps(compiled, state, batch, frozen, steps: int, warmup: int = 2):
   Call inside the trainer's mesh context. Warm-up calls are not timed."""
   import jax  # pylint: disable=import-outside-toplevel
   for _ in range(warmup):
-    state, _ = compiled(state, batch, frozen, {})
+    state, _ = compiled(state, batch, frozen)
   jax.block_until_ready(state)
   metrics = None
   t0 = time.perf_counter()
   for _ in range(steps):
-    state, metrics = compiled(state, batch, frozen, {})
+    state, metrics = compiled(state, batch, frozen)
   jax.block_until_ready((state, metrics))
   return state, (time.perf_counter() - t0) / steps
 
 
 def _jax_step_time(model_fields, batch, seq, steps, dtype='float32'):
   import jax  # pylint: disable=import-outside-toplevel
-  from research.models.llama import flops_per_token  # pylint: disable=import-outside-toplevel
+  from research.models import flops_per_token  # pylint: disable=import-outside-toplevel
   t, state, frozen, b, compiled, compile_s = compiled_step(model_fields, batch, seq, dtype)
-  with t._context():  # pylint: disable=protected-access
+  with t.mesh_context():
     state, sec = time_steps(compiled, state, b, frozen, steps, warmup=2)
   mem = None
   stats = jax.devices()[0].memory_stats() or {}
@@ -152,7 +153,7 @@ def torch_step():
 
 def part_torch(compiled: bool, steps: int) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
-  from research.models.llama import ModelConfig, flops_per_token  # pylint: disable=import-outside-toplevel
+  from research.models.llama import Config, flops_per_token  # pylint: disable=import-outside-toplevel
   r = REFERENCE
   step, loss_fn, inputs, targets = torch_step()
   compiled_loss = None
@@ -166,7 +167,7 @@ def part_torch(compiled: bool, steps: int) -> dict:
   for _ in range(steps):
     step(inputs, targets, compiled_loss)
   sec = (time.perf_counter() - t0) / steps
-  fpt = flops_per_token(ModelConfig(**r), REF_SEQ)
+  fpt = flops_per_token(Config(**r), REF_SEQ)
   return {'compile_s': compile_s, 'step_s': sec, 'tokens_per_s': REF_BATCH * REF_SEQ / sec,
           'model_flops_per_s': fpt * REF_BATCH * REF_SEQ / sec, 'peak_mem_mb': _rss_mb(),
           'mem_kind': 'rss'}
@@ -193,7 +194,8 @@ def part_loop(steps: int) -> dict:
   from configs import pretrain  # pylint: disable=import-outside-toplevel
   from configs.base import MODEL_PRESETS  # pylint: disable=import-outside-toplevel
   from research.training.metrics import read_metrics  # pylint: disable=import-outside-toplevel
-  from research.training.trainer import train  # pylint: disable=import-outside-toplevel
+  from research.stages import pretrain as pretrain_stage  # pylint: disable=import-outside-toplevel
+  from research.training.loop import train  # pylint: disable=import-outside-toplevel
   c0 = pretrain.get_config('size=tiny')
   bare = _jax_step_time(MODEL_PRESETS['tiny'], c0.batch_size, c0.seq_len, steps)
   c = pretrain.get_config('size=tiny')
@@ -204,7 +206,7 @@ def part_loop(steps: int) -> dict:
   c.sample.prompts = ()
   workdir = tempfile.mkdtemp()
   import jax  # pylint: disable=import-outside-toplevel
-  train(c, workdir, devices=jax.devices()[:1])
+  train(c, workdir, pretrain_stage.stage(c), devices=jax.devices()[:1])
   rows = [r for r in read_metrics(workdir) if 'train/tokens_per_sec' in r]
   # Skip the first interval (compilation); the last one includes the final checkpoint.
   loop_tps = float(np.mean([r['train/tokens_per_sec'] for r in rows[1:-1]]))

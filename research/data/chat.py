@@ -20,8 +20,9 @@ Loss masks (over the target of each position):
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -109,3 +110,18 @@ def prompt_ids(messages: list[dict], tokenizer: Tokenizer) -> list[int]:
 def stop_tokens(tokenizer: Tokenizer) -> tuple[int, ...]:
   """Tokens that end a generated reply."""
   return (tokenizer.special_id('<|end|>'), tokenizer.eos_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+  """How a stage turns a text prompt into token ids to sample from, and which
+  tokens end the reply."""
+
+  encode: Callable[[Tokenizer, str], list[int]]
+  stop_tokens: Callable[[Tokenizer], tuple[int, ...]]
+
+
+# Plain text (pretraining): bos + text, continued until eos.
+PLAIN = PromptFormat(lambda tok, text: tok.encode(text, add_bos=True), lambda tok: (tok.eos_id,))
+# One user turn through the chat template, answered until <|end|>.
+CHAT = PromptFormat(lambda tok, text: prompt_ids([{'role': 'user', 'content': text}], tok), stop_tokens)

@@ -20,14 +20,14 @@ from typing import Any
 import grain
 import numpy as np
 
-from research.data import sources
+from research.data import registry, sources
 from research.data.tokenizer import Tokenizer, train_tokenizer
 from research.errors import UserError
 
 
 def default_tokenizer_path(data_cfg, vocab_size: int) -> str:
   """Where the tokenizer trained for a corpus is cached."""
-  slug = data_cfg.name if data_cfg.name != 'files' else 'files-' + sources.project_builder(
+  slug = data_cfg.name if data_cfg.name != 'files' else 'files-' + registry.project_builder(
       'files', data_cfg.data_dir, data_cfg.files, data_cfg.text_key).builder_config.name
   slug = slug.replace('/', '_').replace(':', '_')
   return os.path.join(sources.resolve_data_dir(data_cfg.data_dir), 'tokenizers', f'{slug}-v{vocab_size}.model')
@@ -59,7 +59,7 @@ def get_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
 
 def open_source(data_cfg, split: str):
   """The random-access source for `split` of the configured dataset."""
-  return sources.open_split(data_cfg.name, split, data_dir=data_cfg.data_dir, files=data_cfg.files,
+  return registry.open_split(data_cfg.name, split, data_dir=data_cfg.data_dir, files=data_cfg.files,
                             text_key=data_cfg.text_key)
 
 
@@ -79,7 +79,7 @@ def mix_weights(data_cfg, n: int) -> list[float]:
 
 def open_named(data_cfg, name: str, split: str):
   """The random-access source for `split` of one dataset of the mixture."""
-  return sources.open_split(name, split, data_dir=data_cfg.data_dir, files=data_cfg.files,
+  return registry.open_split(name, split, data_dir=data_cfg.data_dir, files=data_cfg.files,
                             text_key=data_cfg.text_key)
 
 
@@ -103,9 +103,12 @@ class _Tokenize(grain.transforms.Map):
     return {'inputs': ids[:-1], 'targets': ids[1:]}
 
 
-def _rename_packed(row: dict) -> dict:
-  return {'inputs': row['inputs'], 'targets': row['targets'],
-          'segment_ids': row['inputs_segment_ids'], 'positions': row['inputs_positions']}
+def rename_packed(row: dict) -> dict:
+  """A packed row with grain's per-feature segment ids and positions renamed to the
+  batch's `segment_ids` / `positions` (all features share the inputs' packing)."""
+  out = {k: v for k, v in row.items() if not k.endswith(('_segment_ids', '_positions'))}
+  out['segment_ids'], out['positions'] = row['inputs_segment_ids'], row['inputs_positions']
+  return out
 
 
 def packed_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
@@ -124,10 +127,36 @@ def packed_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: in
   ds = ds.repeat(num_epochs).map(_Tokenize(tokenizer, text_key, add_bos, add_eos))
   ds = grain.experimental.ConcatThenSplitIterDataset(
       ds.to_iter_dataset(), length_struct={'inputs': seq_len, 'targets': seq_len})
-  ds = ds.map(_rename_packed)
+  ds = ds.map(rename_packed)
   if shuffle and shuffle_window > 1:
     ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_window, seed=seed)
   return ds.batch(batch_size, drop_remainder=True)
+
+
+class GrainSource:
+  """A batch source over a grain dataset of global numpy batches.
+
+  The loop asks every batch source `next(policy)`; an offline source ignores
+  the policy (an online-RL source samples from it). The grain iterator's state
+  is checkpointed with the train state, so a resumed run continues the stream
+  exactly.
+  """
+
+  def __init__(self, dataset):
+    self._it = iter(dataset)
+
+  def next(self, policy=None) -> dict[str, np.ndarray]:
+    """The next global batch."""
+    del policy
+    return next(self._it)
+
+  def get_state(self) -> dict:
+    """The iterator state (JSON-serialisable), for checkpoints."""
+    return self._it.get_state()
+
+  def set_state(self, state: dict) -> None:
+    """Continues from a state that get_state returned."""
+    self._it.set_state(state)
 
 
 def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:

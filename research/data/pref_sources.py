@@ -201,5 +201,3 @@ class PrefCode(sources.JsonRows):
   def rows(self, split):
     return code_pairs(split == 'validation')
 
-
-BUILDERS = {'pref_tasks': PrefTasks, 'pref_code': PrefCode}

@@ -7,8 +7,9 @@
 * 'sft_code': instruction-to-code pairs mined with `ast` from the Python
   standard library: the prompt gives a function's signature and docstring, the
   response is its source. Split by source file, like the pretraining corpus.
-* 'sft_files' (any name 'files' in SFT configs): local .jsonl rows stored raw;
-  rows are parsed (and malformed ones counted) by the SFT pipeline.
+
+Local .jsonl rows (data.name='files', text_key='') are stored raw and parsed
+(malformed ones counted) by research/data/sft.py. registry.py names the builders.
 """
 
 from __future__ import annotations
@@ -108,5 +109,3 @@ class SftCode(sources.JsonRows):
       if sources.is_validation(rel) == (split == 'validation'):
         yield from code_pairs(path, rel)
 
-
-BUILDERS = {'sft_tasks': SftTasks, 'sft_code': SftCode}

@@ -1,4 +1,4 @@
-"""Text sources, all as TFDS datasets stored in array_record (no TensorFlow).
+"""Text sources and builder bases, all as TFDS datasets stored in array_record (no TensorFlow).
 
 * 'stdlib': the embedded default, this Python's standard-library source files
   (about 30 MB, present wherever Python is). Needs no download.
@@ -7,9 +7,10 @@
 * any other name: a TFDS dataset the user has prepared as array_record,
   e.g. `tfds build c4/en --file_format=array_record`.
 
-Project builders are prepared on first use (process 0 first, the others after
-a barrier) into the TFDS data dir. Splits are fixed by a hash of each
-document's key, so they never change between runs or machines.
+The embedded structured datasets (SFT tasks, preference pairs) build on
+`JsonRows` in sft_sources.py and pref_sources.py; registry.py maps every name
+to its builder and opens splits. Splits are fixed by a hash of each document's
+key, so they never change between runs or machines.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class JsonRows(tfds.core.GeneratorBasedBuilder):
       yield key, {'json': json.dumps(row)}
 
 
-def _expand_globs(files: str) -> list[str]:
+def expand_globs(files: str) -> list[str]:
   paths = sorted({p for pattern in files.split(',') if pattern.strip()
                   for p in glob.glob(os.path.expanduser(pattern.strip()), recursive=True)})
   if not paths:
@@ -189,48 +190,6 @@ def sync_processes(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)
-
-
-def project_builder(name: str, data_dir: str, files: str = '', text_key: str = 'text'):
-  """The TFDS builder for a project source ('stdlib' or 'files'), or None."""
-  data_dir = resolve_data_dir(data_dir)
-  if name == 'stdlib':
-    return Stdlib(data_dir=data_dir, file_format='array_record')
-  if name == 'files':
-    return LocalText(paths=_expand_globs(files), text_key=text_key, data_dir=data_dir,
-                     file_format='array_record')
-  from research.data import pref_sources, sft_sources  # pylint: disable=import-outside-toplevel
-  embedded = {**sft_sources.BUILDERS, **pref_sources.BUILDERS}
-  return embedded[name](data_dir=data_dir, file_format='array_record') if name in embedded else None
-
-
-def prepare(builder) -> None:
-  """Prepares a project builder once: process 0 first, then any host without it."""
-  import jax  # pylint: disable=import-outside-toplevel
-  if jax.process_index() == 0 and not builder.is_prepared():
-    builder.download_and_prepare()
-  sync_processes('data_prepared')
-  if not builder.is_prepared():  # hosts that do not share process 0's disk
-    builder.download_and_prepare()
-
-
-def open_split(name: str, split: str, *, data_dir: str = '', files: str = '',
-               text_key: str = 'text') -> Any:
-  """A random-access source (len, [i]) of dict examples for one split."""
-  builder = project_builder(name, data_dir, files, text_key)
-  if builder is not None:
-    prepare(builder)
-    if split not in builder.info.splits:
-      raise UserError(f'data split {split!r} not in {name}; have {sorted(builder.info.splits)}')
-    return builder.as_data_source(split=split)
-  try:
-    return tfds.data_source(name, split=split, data_dir=resolve_data_dir(data_dir), download=False)
-  except Exception as e:  # pylint: disable=broad-except  # TFDS raises many types here
-    raise UserError(
-        f'data.name={name!r} (split {split!r}) is not a prepared TFDS dataset in '
-        f'{resolve_data_dir(data_dir)}: {str(e).splitlines()[0][:200]}. Use data.name=stdlib '
-        "(embedded), data.name=files with data.files=..., or prepare it with "
-        f"`tfds build {name} --file_format=array_record`.") from None
 
 
 def example_text(example: dict, text_key: str) -> str:

@@ -122,7 +122,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_chars: int = 1
 def main(argv=None):
   """CLI: train a tokenizer on a project corpus and write it to --out."""
   import argparse  # pylint: disable=import-outside-toplevel
-  from research.data import sources  # pylint: disable=import-outside-toplevel
+  from research.data import registry, sources  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--data', default='stdlib', help="'stdlib', 'files' or a prepared TFDS name")
   parser.add_argument('--files', default='', help="comma-separated globs for --data=files")
@@ -133,7 +133,7 @@ def main(argv=None):
   parser.add_argument('--out', required=True)
   args = parser.parse_args(argv)
   try:
-    src = sources.open_split(args.data, 'train', data_dir=args.data_dir, files=args.files,
+    src = registry.open_split(args.data, 'train', data_dir=args.data_dir, files=args.files,
                              text_key=args.text_key)
     tok = train_tokenizer(sources.iter_texts(src, args.text_key), args.vocab_size,
                           max_chars=args.max_chars)

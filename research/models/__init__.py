@@ -1,4 +1,81 @@
-"""Model definitions."""
-from research.models.llama import ModelConfig, Transformer, count_params, init_cache
+"""Model families and the one way the rest of the code reaches them.
 
-__all__ = ['ModelConfig', 'Transformer', 'count_params', 'init_cache']
+A family is a module exporting the same five names:
+
+    Config           frozen dataclass of the architecture (from_hf / to_hf / validate)
+    Model            the Flax module: model.apply({'params': p}, tokens, positions,
+                     segment_ids, cache) -> (logits_BTV, cache)
+    init_cache       (cfg, batch, max_len) -> an empty KV cache
+    hf_param_map     cfg -> (global rows, per-layer rows) to and from HF tensor names
+    flops_per_token  (cfg, seq_len) -> training FLOPs per token
+
+`config.model.family` picks one; every other field of `config.model` is a
+field of that family's Config. To add a family, write the module (reuse
+research/models/layers.py) and add it to FAMILIES.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from research.errors import UserError
+from research.models import llama, qwen3
+from research.models.layers import LoraConfig, count_params
+
+FAMILIES: dict[str, ModuleType] = {
+    'llama': llama,  # Llama 2/3/3.1, Mistral, Qwen2
+    'qwen3': qwen3,
+}
+# Top-level modules a head adds that a language model lacks (head='score'): loading
+# a language model's weights leaves them at their init, and LoRA trains them in full.
+NEW_HEADS = ('score',)
+
+__all__ = ['FAMILIES', 'NEW_HEADS', 'LoraConfig', 'count_params', 'family', 'family_for_hf', 'model_config',
+           'build', 'init_cache', 'flops_per_token', 'forward']
+
+
+def family(name: str) -> ModuleType:
+  """The module of family `name`."""
+  if name not in FAMILIES:
+    raise UserError(f'config.model.family={name!r}; choose one of {sorted(FAMILIES)}.')
+  return FAMILIES[name]
+
+
+def family_for_hf(model_type: str) -> ModuleType:
+  """The family that reads an HF checkpoint of `model_type` (config.json's)."""
+  for name in FAMILIES:
+    module = family(name)
+    if model_type in module.Config.hf_model_types:
+      return module
+  supported = sorted(t for name in FAMILIES for t in family(name).Config.hf_model_types)
+  raise UserError(f'HF model_type {model_type!r} is not supported; supported: {supported}.')
+
+
+def model_config(model_section: Any):
+  """The family's Config from a config.model section ({'family': ..., fields...}), validated."""
+  fields = dict(model_section)
+  return family(fields.pop('family', 'llama')).Config.from_dict(fields).validate()
+
+
+def build(model_section: Any, lora: LoraConfig | None = None):
+  """The Model described by a config.model section, with LoRA adapters when `lora` is given."""
+  cfg = model_config(model_section)
+  return family(cfg.family).Model(cfg, lora=lora)
+
+
+def init_cache(cfg, batch_size: int, max_len: int, dtype=None) -> dict:
+  """An empty KV cache for a model of config `cfg` (any family)."""
+  return family(cfg.family).init_cache(cfg, batch_size, max_len, dtype)
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+  """Training FLOPs per token of a model of config `cfg` (any family)."""
+  return family(cfg.family).flops_per_token(cfg, seq_len)
+
+
+def forward(model, params, tokens_BT, positions_BT=None, segment_ids_BT=None, rng=None):
+  """Logits (or scores) of a training forward pass; `rng` turns on dropout (LoRA)."""
+  out, _ = model.apply({'params': params}, tokens_BT, positions_BT, segment_ids_BT,
+                       rngs={} if rng is None else {'dropout': rng})
+  return out

@@ -1,8 +1,8 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2 shapes) in Flax Linen.
+"""The Llama family (Llama 2/3/3.1, Mistral, Qwen2 shapes) in Flax Linen.
 
 Used functionally::
 
-    model = Transformer(ModelConfig(...))
+    model = Model(Config(...))
     params = model.init(rng, tokens_BT)['params']
     logits_BTV, _ = model.apply({'params': params}, tokens_BT)
 
@@ -10,46 +10,46 @@ Packed rows pass ``segment_ids`` (0 = padding, 1, 2, ... = documents) and
 ``positions`` so that documents never attend to each other. Decoding passes a
 KV cache (``init_cache``) and gets the updated cache back.
 
-Every parameter and the main activations carry logical axis names; the
-trainer maps them to mesh axes with the rule table in the config.
+A family module exports Config (with from_hf / to_hf), Model, init_cache,
+hf_param_map and flops_per_token; research/models/__init__.py registers it.
+The layers themselves are family-neutral (research/models/layers.py).
 
 Shape suffixes: B batch, T query length, S key length (cache size), D model
-width, H query heads, K kv heads, G = H // K, Dh head dim, F MLP width,
-V vocabulary, L layers.
+width, H query heads, K kv heads, Dh head dim, F MLP width, V vocabulary,
+L layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-Array = jax.Array
-# Large negative instead of -inf: a fully masked row (padding) gives a uniform
-# softmax rather than NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from research.errors import UserError
+from research.models.layers import (ATTENTION_IMPLS, REMAT_POLICIES, Attention, Linear, LoraConfig, RMSNorm,
+                                    Rope, SwiGLU, attention_mask, remat_block)
 
-
-# Top-level modules a head adds that a language model lacks (head='score'): loading
-# a language model's weights leaves them at their init, and LoRA trains them in full.
-NEW_HEADS = ('score',)
+_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Architecture of a Llama-family decoder. See configs/base.py for presets."""
+class Config:
+  """Architecture and numerics of a Llama-family decoder. See configs/base.py for presets."""
+
+  family: ClassVar[str] = 'llama'
+  hf_model_types: ClassVar[tuple[str, ...]] = ('llama', 'mistral', 'qwen2')
+  qk_norm: ClassVar[bool] = False  # per-head RMSNorm of q and k: a trait of Qwen3, not a Llama field
 
   vocab_size: int = 32000
   d_model: int = 4096
   n_layers: int = 32
   n_heads: int = 32
   n_kv_heads: int = 32
-  head_dim: int = 0  # 0: d_model // n_heads
+  head_dim: int = 0  # 0: d_model // n_heads (resolved on construction)
   d_ff: int = 11008
   rope_theta: float = 10000.0
   # Llama-3.1 frequency scaling; rope_scaling_factor 0 turns it off.
@@ -71,315 +71,164 @@ class ModelConfig:
   # lm: next-token logits [B, T, V]; score: one scalar per position [B, T, 1]
   # (a reward model: `score` replaces the output layer, read at the last token).
   head: str = 'lm'
-  # LoRA (set from config.lora by the trainer): adapters on kernels whose path
-  # ('layers_0/attn/q/kernel', ...) fully matches lora_targets.
-  lora_rank: int = 0
-  lora_alpha: float = 16.0
-  lora_dropout: float = 0.0
-  lora_targets: str = ''
-  lora_rslora: bool = False
 
-  @property
-  def dh(self) -> int:
-    return self.head_dim or self.d_model // self.n_heads
-
-  @property
-  def lora_scale(self) -> float:
-    """alpha / rank, or alpha / sqrt(rank) with rsLoRA (Kalajdzievski, 2023)."""
-    if self.lora_rank <= 0:
-      return 0.0
-    return self.lora_alpha / (math.sqrt(self.lora_rank) if self.lora_rslora else self.lora_rank)
+  def __post_init__(self):
+    if self.head_dim == 0 and self.n_heads > 0:
+      object.__setattr__(self, 'head_dim', self.d_model // self.n_heads)
 
   @classmethod
-  def from_dict(cls, d: Any) -> 'ModelConfig':
+  def from_dict(cls, d: Any) -> 'Config':
     """Builds from a dict or ConfigDict, rejecting unknown fields."""
     d = dict(d)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-      raise ValueError(f'unknown model fields {unknown}; known: {sorted(known)}')
+      raise UserError(f'config.model: unknown fields {unknown} for family {cls.family!r}; '
+                      f'known: {sorted(known)}')
     return cls(**d)
 
+  @property
+  def rope(self) -> Rope:
+    return Rope(self.rope_theta, self.rope_scaling_factor, self.rope_low_freq_factor,
+                self.rope_high_freq_factor, self.rope_original_max_len)
 
-def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
-  """Inverse frequencies [Dh/2], with Llama-3.1 scaling when enabled."""
-  dh = cfg.dh
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
-  if cfg.rope_scaling_factor <= 0:
-    return inv_freq
-  factor, lo, hi = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-  old_len = cfg.rope_original_max_len
-  wavelen = 2 * math.pi / inv_freq
-  # Long wavelengths are slowed by `factor`, short ones kept, the middle band
-  # interpolated smoothly (Llama 3.1 report, section on long context).
-  scaled = jnp.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
-  smooth = (old_len / wavelen - lo) / (hi - lo)
-  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-  is_medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
-  return jnp.where(is_medium, smoothed, scaled)
+  def validate(self) -> 'Config':
+    """Raises a UserError naming the first field that cannot work; returns self."""
+    for field in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff'):
+      if getattr(self, field) <= 0:
+        raise UserError(f'config.model.{field}={getattr(self, field)} must be positive.')
+    if self.n_heads % self.n_kv_heads:
+      raise UserError(f'config.model.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}.')
+    if self.head_dim % 2:
+      raise UserError(f'config.model head dim {self.head_dim} must be even for rotary embeddings.')
+    if self.head not in ('lm', 'score'):
+      raise UserError(f"config.model.head={self.head!r}; choose 'lm' (next-token logits) or 'score' "
+                      '(a scalar per position, for reward models).')
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise UserError(f'config.model.attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}.')
+    if self.remat not in REMAT_POLICIES:
+      raise UserError(f'config.model.remat={self.remat!r}; choose one of {tuple(REMAT_POLICIES)}.')
+    for field in ('dtype', 'param_dtype'):
+      if getattr(self, field) not in _DTYPES:
+        raise UserError(f'config.model.{field}={getattr(self, field)!r}; choose one of {_DTYPES}.')
+    return self
 
+  @classmethod
+  def from_hf(cls, hf: dict, **overrides) -> 'Config':
+    """The Config of an HF config.json dict; raises on fields the model cannot honour."""
+    kind = hf.get('model_type')
+    if kind not in cls.hf_model_types:
+      raise UserError(f'HF model_type {kind!r} is not in the {cls.family} family {cls.hf_model_types}.')
+    fields = _common_hf_fields(hf)
+    fields['qkv_bias'] = kind == 'qwen2' or bool(hf.get('attention_bias', False))
+    if kind in ('llama', 'mistral') and hf.get('attention_bias'):
+      raise UserError(f'{kind} with attention_bias=True also has an o_proj bias, which this model '
+                      'does not implement.')
+    fields.update(overrides)
+    return cls(**fields)
 
-def apply_rope(x_BTHD: Array, positions_BT: Array, inv_freq: Array) -> Array:
-  """Rotary embedding, 'rotate half' layout (as in HF transformers)."""
-  angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
-  sin = jnp.sin(angles_BTF)[:, :, None, None, :]
-  cos = jnp.cos(angles_BTF)[:, :, None, None, :]
-  # [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], written with the halves as an
-  # axis of size 2 and a flip of it instead of split + concatenate: same values,
-  # but XLA:CPU's concatenate fusions (forward and backward) are slow.
-  *lead, Dh = x_BTHD.shape
-  x = x_BTHD.astype(jnp.float32).reshape(*lead, 2, Dh // 2)
-  sin_signed = jnp.concatenate([-sin, sin], axis=3)  # [B, T, 1, 2, Dh/2], small
-  out = x * cos + jnp.flip(x, axis=3) * sin_signed
-  return out.reshape(x_BTHD.shape).astype(x_BTHD.dtype)
-
-
-def attention_mask(q_slots_BT: Array, q_seg_BT: Array, kv_slots_BS: Array, kv_seg_BS: Array) -> Array:
-  """Boolean [B, 1, T, S]: causal over row slots, same non-padding segment."""
-  causal = kv_slots_BS[:, None, :] <= q_slots_BT[:, :, None]
-  same_seg = (kv_seg_BS[:, None, :] == q_seg_BT[:, :, None]) & (kv_seg_BS[:, None, :] != 0)
-  return (causal & same_seg)[:, None, :, :]
-
-
-class RMSNorm(nn.Module):
-  """RMSNorm computed in float32, output in the compute dtype."""
-
-  eps: float
-  dtype: Any
-  param_dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
-                       (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+  def to_hf(self, model_type: str = 'llama') -> dict:
+    """config.json dict for this model (Llama, Mistral, or Qwen2 when q/k/v have biases)."""
+    if self.qkv_bias and model_type in ('llama', 'mistral'):
+      model_type = 'qwen2'  # the family whose attention has q/k/v (and no o) biases
+    if model_type not in self.hf_model_types:
+      raise UserError(f'model_type={model_type!r}; the {self.family} family exports as {self.hf_model_types}.')
+    out = _common_hf_config(self, model_type, {'llama': 'Llama', 'mistral': 'Mistral', 'qwen2': 'Qwen2'}[model_type])
+    if model_type == 'llama':
+      out['attention_bias'] = False
+    if model_type in ('mistral', 'qwen2'):
+      out['sliding_window'] = None
+      out['use_sliding_window'] = False
+    return out
 
 
-class Linear(nn.Module):
-  """y = x . W (+ b) (+ LoRA), contracting the last `n_in` dims of x with W's leading dims.
-
-  With `lora.rank > 0` and this kernel's path matching `lora.targets`, adds
-  scale * dropout(x) . A . B (Hu et al., 2021): A [in..., r] random, B [r, out...]
-  zero, so the model starts unchanged. Dropout is active only when the caller
-  passes a 'dropout' rng (training).
-
-  Hand-written rather than nn.DenseGeneral because DenseGeneral initialises a
-  flattened 2-D kernel, which breaks logical partitioning of N-D kernels.
-  """
-
-  features: tuple[int, ...]
-  axes: tuple[str, ...]  # logical names of the kernel dims (inputs, then outputs)
-  n_in: int = 1
-  use_bias: bool = False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  init_std: float = 0.02
-  lora: ModelConfig | None = None
-  f32_output: bool = False  # accumulate and return float32 (the output layer's logits)
-
-  @nn.compact
-  def __call__(self, x):
-    shape = tuple(x.shape[-self.n_in:]) + tuple(self.features)
-    kernel = self.param('kernel', nn.with_logical_partitioning(
-        nn.initializers.normal(self.init_std), self.axes), shape, self.param_dtype)
-    # As one 2-D matmul [rows, in] x [in, out] (reshapes are free): with the
-    # leading dims (batch, length) kept apart, the kernel gradient contracts
-    # two dims, which XLA:CPU lowers to a transposed copy of the output
-    # gradient plus a slower matmul (about 2x the cost of the 2-D form).
-    n_in, n_out = math.prod(shape[:self.n_in]), math.prod(self.features)
-    y = jax.lax.dot_general(x.reshape(-1, n_in).astype(self.dtype),
-                            kernel.reshape(n_in, n_out).astype(self.dtype), (((1,), (0,)), ((), ())),
-                            preferred_element_type=jnp.float32 if self.f32_output else None)
-    y = y.reshape(x.shape[:x.ndim - self.n_in] + tuple(self.features))
-    if self.use_bias:
-      bias = self.param('bias', nn.with_logical_partitioning(
-          nn.initializers.zeros, self.axes[self.n_in:]), tuple(self.features), self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    if self._has_lora():
-      y = y + self._lora_delta(x, shape)
-    return y
-
-  def _has_lora(self) -> bool:
-    cfg = self.lora
-    return (cfg is not None and cfg.lora_rank > 0 and
-            re.fullmatch(cfg.lora_targets, '/'.join(self.path) + '/kernel') is not None)
-
-  def _lora_delta(self, x, shape):
-    cfg, r = self.lora, self.lora.lora_rank
-    in_shape = shape[:self.n_in]
-    a = self.param('lora_a', nn.with_logical_partitioning(
-        nn.initializers.normal(1.0 / math.sqrt(math.prod(in_shape))), self.axes[:self.n_in] + ('lora',)),
-        in_shape + (r,), self.param_dtype)
-    b = self.param('lora_b', nn.with_logical_partitioning(
-        nn.initializers.zeros, ('lora',) + self.axes[self.n_in:]), (r,) + tuple(self.features),
-        self.param_dtype)
-    if cfg.lora_dropout > 0 and self.has_rng('dropout'):
-      x = nn.Dropout(cfg.lora_dropout, deterministic=False)(x)
-    contract = tuple(range(x.ndim - self.n_in, x.ndim))
-    h = jax.lax.dot_general(x.astype(self.dtype), a.astype(self.dtype),
-                            ((contract, tuple(range(self.n_in))), ((), ())))
-    delta = jax.lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
-    return cfg.lora_scale * delta
+def _common_hf_fields(hf: dict) -> dict:
+  """Config fields every Llama-shaped HF config.json spells the same way."""
+  if hf.get('hidden_act', 'silu') != 'silu':
+    raise UserError(f'hidden_act={hf["hidden_act"]!r}: only silu (SwiGLU) is supported.')
+  window = hf.get('sliding_window')
+  uses_window = hf.get('use_sliding_window', hf.get('model_type') == 'mistral')
+  if window is not None and uses_window and window < hf.get('max_position_embeddings', 0):
+    raise UserError(f'sliding_window={window} is shorter than max_position_embeddings='
+                    f'{hf.get("max_position_embeddings")}; sliding-window attention is not '
+                    'implemented, so logits would differ beyond the window.')
+  scaling = hf.get('rope_scaling') or hf.get('rope_parameters') or {}
+  rope_type = scaling.get('rope_type', scaling.get('type', 'default'))
+  if rope_type not in ('default', 'llama3'):
+    raise UserError(f'rope_scaling type {rope_type!r} is not supported (default or llama3 only).')
+  if hf.get('mlp_bias'):
+    raise UserError('mlp_bias=True is not supported.')
+  heads = hf['num_attention_heads']
+  fields = dict(
+      vocab_size=hf['vocab_size'], d_model=hf['hidden_size'], n_layers=hf['num_hidden_layers'],
+      n_heads=heads, n_kv_heads=hf.get('num_key_value_heads') or heads,
+      head_dim=hf.get('head_dim') or hf['hidden_size'] // heads, d_ff=hf['intermediate_size'],
+      rope_theta=float(hf.get('rope_theta', scaling.get('rope_theta', 10000.0))),
+      norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
+      tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      head='score' if any(a.endswith('ForSequenceClassification') for a in hf.get('architectures') or ())
+      else 'lm')
+  n_labels = hf.get('num_labels') or len(hf.get('id2label') or {}) or 1
+  if fields['head'] == 'score' and n_labels != 1:
+    raise UserError(f'a sequence classifier with {n_labels} labels: only scalar reward models '
+                    '(num_labels=1) are supported.')
+  if rope_type == 'llama3':
+    fields.update(rope_scaling_factor=float(scaling['factor']),
+                  rope_low_freq_factor=float(scaling['low_freq_factor']),
+                  rope_high_freq_factor=float(scaling['high_freq_factor']),
+                  rope_original_max_len=int(scaling['original_max_position_embeddings']))
+  return fields
 
 
-def _dense(cfg: ModelConfig, features, axes, name, *, n_in=1, use_bias=False, f32_output=False):
-  features = (features,) if isinstance(features, int) else tuple(features)
-  return Linear(features, axes, n_in=n_in, use_bias=use_bias, dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype, init_std=cfg.init_std,
-                lora=cfg if cfg.lora_rank > 0 else None, f32_output=f32_output, name=name)
-
-
-@jax.custom_vjp
-def _softmax(x):
-  """Softmax over the last axis whose backward uses only the probabilities.
-
-  Autodiff of jax.nn.softmax goes through its exp / sum / divide, and XLA:CPU then
-  keeps (materialises) several [B, H, T, S] intermediates; the closed form
-  p * (g - sum(g * p)) needs only p.
-  """
-  return jax.nn.softmax(x, axis=-1)
-
-
-def _softmax_fwd(x):
-  p = _softmax(x)
-  return p, p
-
-
-def _softmax_bwd(p, g):
-  return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
-
-
-_softmax.defvjp(_softmax_fwd, _softmax_bwd)
-
-
-def _einsum_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, dtype):
-  """Grouped-query attention with explicit matmuls; softmax in float32."""
-  B, T, H, Dh = q_BTHD.shape
-  K = k_BSKD.shape[2]
-  # Scores in the matmul's natural output order (batch dims b k, then q's free
-  # dims, then s): with another order, or a unit g axis when H == K, XLA:CPU
-  # adds transposing copies of the [B, H, T, S] scores, forward and backward.
-  if H == K:
-    q, q_dims, s_dims, mask = q_BTHD, 'btkd', 'bkts', mask_B1TS
-  else:
-    q, q_dims, s_dims, mask = q_BTHD.reshape(B, T, K, H // K, Dh), 'btkgd', 'bktgs', mask_B1TS[:, :, :, None]
-  logits = jnp.einsum(f'{q_dims},bskd->{s_dims}', q, k_BSKD,
-                      preferred_element_type=jnp.float32) / math.sqrt(Dh)
-  logits = jnp.where(mask, logits, _MASK_VALUE)
-  probs = _softmax(logits).astype(dtype)
-  out = jnp.einsum(f'{s_dims},bskd->{q_dims}', probs, v_BSKD)
-  return out.reshape(B, T, H, Dh)
-
-
-class Attention(nn.Module):
-  """Grouped-query attention with RoPE and an optional KV cache."""
-
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_B1TS, cache=None, cache_index=None):
-    cfg = self.cfg
-    H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.dh
-    q_BTHD = _dense(cfg, (H, Dh), ('embed', 'heads', 'head_dim'), 'q', use_bias=cfg.qkv_bias)(x_BTD)
-    k_BTKD = _dense(cfg, (K, Dh), ('embed', 'kv_heads', 'head_dim'), 'k', use_bias=cfg.qkv_bias)(x_BTD)
-    v_BTKD = _dense(cfg, (K, Dh), ('embed', 'kv_heads', 'head_dim'), 'v', use_bias=cfg.qkv_bias)(x_BTD)
-    inv_freq = rope_inv_freq(cfg)
-    q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq)
-    k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq)
-    q_BTHD = nn.with_logical_constraint(q_BTHD, ('batch', 'length', 'heads', 'head_dim'))
-
-    new_cache = None
-    if cache is not None:
-      # Write this call's keys/values at slots [cache_index, cache_index + T).
-      k_BSKD = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BTKD.astype(cache['k'].dtype), cache_index, axis=1)
-      v_BSKD = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BTKD.astype(cache['v'].dtype), cache_index, axis=1)
-      new_cache = {'k': k_BSKD, 'v': v_BSKD}
-      k_BTKD, v_BTKD = k_BSKD.astype(cfg.dtype), v_BSKD.astype(cfg.dtype)
-
-    if cfg.attention_impl == 'einsum':
-      out_BTHD = _einsum_attention(q_BTHD, k_BTKD, v_BTKD, mask_B1TS, cfg.dtype)
-    else:
-      out_BTHD = jax.nn.dot_product_attention(
-          q_BTHD, k_BTKD.astype(q_BTHD.dtype), v_BTKD.astype(q_BTHD.dtype), mask=mask_B1TS,
-          implementation=None if cfg.attention_impl == 'xla' else cfg.attention_impl)
-    out_BTHD = nn.with_logical_constraint(out_BTHD, ('batch', 'length', 'heads', 'head_dim'))
-    out_BTD = _dense(cfg, cfg.d_model, ('heads', 'head_dim', 'embed'), 'o', n_in=2)(out_BTHD)
-    return out_BTD, new_cache
-
-
-@jax.custom_vjp
-def _swiglu(gate, up):
-  """silu(gate) * up, with a backward that recomputes sigmoid(gate): autodiff
-  makes XLA:CPU save silu's intermediates, three [B, T, F] passes forward
-  instead of one."""
-  return nn.silu(gate) * up
-
-
-def _swiglu_fwd(gate, up):
-  return _swiglu(gate, up), (gate, up)
-
-
-def _swiglu_bwd(res, g):
-  gate, up = res
-  sig = jax.nn.sigmoid(gate)
-  return g * up * (sig * (1 + gate * (1 - sig))), g * gate * sig
-
-
-_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
-
-
-class MLP(nn.Module):
-  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
-
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x_BTD):
-    cfg = self.cfg
-    gate_BTF = _dense(cfg, cfg.d_ff, ('embed', 'mlp'), 'gate')(x_BTD)
-    up_BTF = _dense(cfg, cfg.d_ff, ('embed', 'mlp'), 'up')(x_BTD)
-    h_BTF = nn.with_logical_constraint(_swiglu(gate_BTF, up_BTF), ('batch', 'length', 'mlp'))
-    return _dense(cfg, cfg.d_model, ('mlp', 'embed'), 'down')(h_BTF)
+def _common_hf_config(cfg: Config, model_type: str, arch: str) -> dict:
+  """The config.json fields every Llama-shaped HF family spells the same way."""
+  out = {
+      'architectures': [arch + ('ForSequenceClassification' if cfg.head == 'score' else 'ForCausalLM')],
+      'model_type': model_type, 'vocab_size': cfg.vocab_size, 'hidden_size': cfg.d_model,
+      'num_hidden_layers': cfg.n_layers, 'num_attention_heads': cfg.n_heads,
+      'num_key_value_heads': cfg.n_kv_heads, 'head_dim': cfg.head_dim, 'intermediate_size': cfg.d_ff,
+      'rope_theta': cfg.rope_theta, 'rms_norm_eps': cfg.norm_eps,
+      'tie_word_embeddings': cfg.tie_embeddings, 'hidden_act': 'silu',
+      'max_position_embeddings': max(cfg.rope_original_max_len, 8192), 'torch_dtype': cfg.param_dtype,
+  }
+  if cfg.head == 'score':
+    out['num_labels'] = 1  # a scalar reward, read at the last non-padding token
+  if cfg.rope_scaling_factor > 0:
+    out['rope_scaling'] = {'rope_type': 'llama3', 'factor': cfg.rope_scaling_factor,
+                           'low_freq_factor': cfg.rope_low_freq_factor,
+                           'high_freq_factor': cfg.rope_high_freq_factor,
+                           'original_max_position_embeddings': cfg.rope_original_max_len}
+  return out
 
 
 class Block(nn.Module):
   """Pre-norm decoder block. Signature fits nn.scan: (x, xs) -> (x, ys)."""
 
-  cfg: ModelConfig
+  cfg: Config
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, x_BTD, cache, positions_BT, mask_B1TS, cache_index):
     cfg = self.cfg
     h = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name='attn_norm')(x_BTD)
-    h, new_cache = Attention(cfg, name='attn')(h, positions_BT, mask_B1TS, cache, cache_index)
+    h, new_cache = Attention(
+        cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model, cfg.rope, qkv_bias=cfg.qkv_bias,
+        qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, impl=cfg.attention_impl, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, init_std=cfg.init_std, lora=self.lora,
+        name='attn')(h, positions_BT, mask_B1TS, cache, cache_index)
     x_BTD = x_BTD + h
     h = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name='mlp_norm')(x_BTD)
-    x_BTD = x_BTD + MLP(cfg, name='mlp')(h)
+    x_BTD = x_BTD + SwiGLU(cfg.d_model, cfg.d_ff, cfg.dtype, cfg.param_dtype, cfg.init_std, self.lora,
+                           name='mlp')(h)
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
     return x_BTD, new_cache
 
 
-_REMAT_POLICIES = {
-    'full': None,  # save nothing: recompute the whole block in the backward pass
-    'dots_saveable': jax.checkpoint_policies.dots_saveable,
-    'dots_with_no_batch_dims': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-def _block_class(cfg: ModelConfig):
-  if cfg.remat == 'none':
-    return Block
-  if cfg.remat not in _REMAT_POLICIES:
-    raise ValueError(f'model.remat={cfg.remat!r}; choose none, {", ".join(_REMAT_POLICIES)}')
-  return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-
-
-class Transformer(nn.Module):
+class Model(nn.Module):
   """Decoder-only transformer returning float32 logits [B, T, V] (or scores [B, T, 1])."""
 
-  cfg: ModelConfig
+  cfg: Config
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
@@ -422,30 +271,35 @@ class Transformer(nn.Module):
     x_BTD = embed(tokens_BT)
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
 
-    block_cls = _block_class(cfg)
+    block_cls = remat_block(Block, cfg.remat, cfg.scan_layers)
     if cfg.scan_layers:
       stack = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BTD, new_layer_caches = stack(cfg, name='layers')(x_BTD, layer_caches, positions_BT, mask_B1TS, start)
+      x_BTD, new_layer_caches = stack(cfg, self.lora, name='layers')(x_BTD, layer_caches, positions_BT,
+                                                                     mask_B1TS, start)
     else:
       new_layer_caches = []
       for i in range(cfg.n_layers):
         layer_cache = None if layer_caches is None else jax.tree.map(lambda c: c[i], layer_caches)
-        x_BTD, c = block_cls(cfg, name=f'layers_{i}')(x_BTD, layer_cache, positions_BT, mask_B1TS, start)
+        x_BTD, c = block_cls(cfg, self.lora, name=f'layers_{i}')(x_BTD, layer_cache, positions_BT,
+                                                                  mask_B1TS, start)
         new_layer_caches.append(c)
       if cache is not None:
         new_layer_caches = jax.tree.map(lambda *cs: jnp.stack(cs), *new_layer_caches)
 
     x_BTD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name='final_norm')(x_BTD)
     # Logits accumulate in float32 even with bfloat16 compute: the loss needs them exact.
+    head = lambda features, axes, name: Linear((features,), axes, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                               init_std=cfg.init_std, lora=self.lora, f32_output=True,
+                                               name=name)
     if cfg.head == 'score':
-      logits_BTV = _dense(cfg, 1, ('embed', None), 'score', f32_output=True)(x_BTD)
+      logits_BTV = head(1, ('embed', None), 'score')(x_BTD)
     elif cfg.tie_embeddings:
       logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, embed.embedding.astype(cfg.dtype),
                               preferred_element_type=jnp.float32)
     else:
-      logits_BTV = _dense(cfg, cfg.vocab_size, ('embed', 'vocab'), 'lm_head', f32_output=True)(x_BTD)
+      logits_BTV = head(cfg.vocab_size, ('embed', 'vocab'), 'lm_head')(x_BTD)
     out_axis = None if cfg.head == 'score' else 'vocab'
     logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ('batch', 'length', out_axis))
 
@@ -455,10 +309,10 @@ class Transformer(nn.Module):
     return logits_BTV, new_cache
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
+def init_cache(cfg: Config, batch_size: int, max_len: int, dtype=None) -> dict:
   """Empty KV cache: k/v [L, B, S, K, Dh], segment ids [B, S] (0 = empty), index."""
   dtype = dtype or cfg.dtype
-  shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.dh)
+  shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
   return {
       'layers': {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)},
       'segment_ids': jnp.zeros((batch_size, max_len), jnp.int32),
@@ -466,19 +320,60 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> d
   }
 
 
-def count_params(params) -> int:
-  """Number of scalars in a parameter pytree (works on ShapeDtypeStructs)."""
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def flops_per_token(cfg: Config, seq_len: int) -> float:
   """Training FLOPs per token, PaLM appendix B: 6 N + 12 L H Dh T.
 
   N counts the parameters used in matmuls (the embedding table only when it is
   tied, i.e. doubles as the output layer); the attention term is for the full
   (not causally halved) score and value matmuls, as in PaLM.
   """
-  d, f, h, k, dh = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.dh
+  d, f, h, k, dh = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   per_layer = d * dh * (h + 2 * k) + h * dh * d + 3 * d * f
   n_matmul = cfg.n_layers * per_layer + cfg.vocab_size * d
   return 6.0 * n_matmul + 12.0 * cfg.n_layers * h * dh * seq_len
+
+
+# One row of a parameter map: (our path, HF tensor name, HF -> ours, ours -> HF).
+# Layer rows hold paths and names within one layer ('model.layers.{i}.' is added).
+ParamRow = tuple[tuple[str, ...], str, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+SAME = (lambda x: x, lambda x: x)
+TRANSPOSE = (lambda w: w.T, lambda k: k.T)
+
+
+def hf_param_map(cfg: Config) -> tuple[list[ParamRow], list[ParamRow]]:
+  """(global rows, per-layer rows) mapping our parameters to HF tensor names.
+
+  HF stores torch Linear weights as [out, in]:
+      q_proj.weight [H*Dh, D]  -> attn/q/kernel [D, H, Dh]     (k, v with K heads)
+      o_proj.weight [D, H*Dh]  -> attn/o/kernel [H, Dh, D]
+      gate/up_proj  [F, D]     -> mlp/gate|up/kernel [D, F];   down_proj [D, F] -> [F, D]
+      lm_head.weight [V, D]    -> lm_head/kernel [D, V]
+      score.weight [1, D]      -> score/kernel [D, 1]    (head='score': *ForSequenceClassification)
+  HF checkpoints use the same "rotate half" RoPE layout, so no permutation is needed.
+  """
+  D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  def proj_in(heads):  # [heads*Dh, D] <-> [D, heads, Dh]
+    return (lambda w: w.T.reshape(D, heads, Dh), lambda k: k.reshape(D, heads * Dh).T)
+  def bias(heads):
+    return (lambda b: b.reshape(heads, Dh), lambda b: b.reshape(heads * Dh))
+  layer = [
+      (('attn', 'q', 'kernel'), 'self_attn.q_proj.weight', *proj_in(H)),
+      (('attn', 'k', 'kernel'), 'self_attn.k_proj.weight', *proj_in(K)),
+      (('attn', 'v', 'kernel'), 'self_attn.v_proj.weight', *proj_in(K)),
+      (('attn', 'o', 'kernel'), 'self_attn.o_proj.weight',
+       lambda w: w.T.reshape(H, Dh, D), lambda k: k.reshape(H * Dh, D).T),
+      (('mlp', 'gate', 'kernel'), 'mlp.gate_proj.weight', *TRANSPOSE),
+      (('mlp', 'up', 'kernel'), 'mlp.up_proj.weight', *TRANSPOSE),
+      (('mlp', 'down', 'kernel'), 'mlp.down_proj.weight', *TRANSPOSE),
+      (('attn_norm', 'scale'), 'input_layernorm.weight', *SAME),
+      (('mlp_norm', 'scale'), 'post_attention_layernorm.weight', *SAME),
+  ]
+  if cfg.qkv_bias:
+    layer += [(('attn', n, 'bias'), f'self_attn.{n}_proj.bias', *bias(h)) for n, h in (('q', H), ('k', K), ('v', K))]
+  top = [(('embed', 'embedding'), 'model.embed_tokens.weight', *SAME),
+         (('final_norm', 'scale'), 'model.norm.weight', *SAME)]
+  if cfg.head == 'score':
+    top.append((('score', 'kernel'), 'score.weight', *TRANSPOSE))
+  elif not cfg.tie_embeddings:
+    top.append((('lm_head', 'kernel'), 'lm_head.weight', *TRANSPOSE))
+  return top, layer

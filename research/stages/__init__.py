@@ -1,27 +1,28 @@
-"""Stages: each supplies how a batch is made and the loss on it.
+"""Stages: each module exports `stage(config) -> research.training.stage.Stage`,
+binding its data, its loss and its evaluators. research/main.py picks one by
+config.stage and hands it to the training loop.
 
-A stage module defines:
-  train_dataset(config, tokenizer) -> grain IterDataset of global numpy batches
-  eval_batches(config, tokenizer)  -> list of global numpy batches
-  loss(model, params, batch, rng)  -> (loss, weight, metrics); rng is None in evaluation
-and optionally:
-  make_loss(config) -> loss function (used instead of `loss` when present)
-  needs_reference = True: loss gets `reference=` the frozen initial parameters
-  evaluate(trainer, params, tokenizer) -> dict of extra eval metrics
-  prompt_ids(tokenizer, text), stop_tokens(tokenizer): the sampling format
-  BATCH_KEYS: the names of a batch's [batch, length] arrays (for dry runs;
-    default: inputs, targets, segment_ids, positions)
+To add a stage: write research/stages/<name>.py with `stage(config)`, add the
+stage to STAGES, and add configs/<name>.py (see README, "Adding a stage").
 """
 
-import importlib
+from __future__ import annotations
+
+from typing import Callable
 
 from research.errors import UserError
+from research.stages import dpo, pretrain, reward, sft
 
-STAGES = ('pretrain', 'sft', 'dpo', 'reward')
+STAGES: dict[str, Callable] = {
+    'pretrain': pretrain.stage,
+    'sft': sft.stage,
+    'dpo': dpo.stage,
+    'reward': reward.stage,
+}
 
 
-def get_stage(name: str):
-  """The module implementing stage `name`."""
+def get(name: str) -> Callable:
+  """The `stage(config) -> Stage` function of stage `name`."""
   if name not in STAGES:
-    raise UserError(f'config.stage={name!r} is not a stage; choose one of {STAGES}.')
-  return importlib.import_module(f'research.stages.{name}')
+    raise UserError(f'config.stage={name!r} is not a stage; choose one of {sorted(STAGES)}.')
+  return STAGES[name]

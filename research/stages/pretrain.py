@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
-from research import losses
-from research.data import pipeline
+from research import evaluation, losses, models
+from research.data import chat, pipeline
+from research.training.stage import Stage
+
+BATCH_AXES = {k: ('batch', 'length') for k in ('inputs', 'targets', 'segment_ids', 'positions')}
 
 
-def train_dataset(config, tokenizer):
-  """Shuffled, repeating stream of packed global batches."""
-  d = config.data
-  src = pipeline.open_source(d, d.train_split)
-  return pipeline.packed_dataset(src, tokenizer, seq_len=config.seq_len, batch_size=config.batch_size,
-                                 seed=config.seed, text_key=d.text_key, add_bos=d.add_bos,
-                                 add_eos=d.add_eos, shuffle_window=d.shuffle_window)
-
-
-def eval_batches(config, tokenizer):
-  """The fixed validation batches."""
-  return pipeline.eval_batches(config.data, tokenizer, seq_len=config.seq_len,
-                               batch_size=config.batch_size, max_batches=config.eval_batches)
-
-
-def loss(model, params, batch, rng):
+def loss(model, params, batch, frozen, rng):
   """Mean next-token cross-entropy over non-padding tokens (rng: dropout, None in eval)."""
-  logits_BTV, _ = model.apply({'params': params}, batch['inputs'], batch['positions'],
-                              batch['segment_ids'], rngs={} if rng is None else {'dropout': rng})
+  del frozen
+  logits_BTV = models.forward(model, params, batch['inputs'], batch['positions'], batch['segment_ids'], rng)
   ce, n_tokens = losses.cross_entropy(logits_BTV, batch['targets'], batch['segment_ids'] > 0)
   return ce, n_tokens, {}
+
+
+def stage(config) -> Stage:
+  """Pretraining on config.data: shuffled packed rows; eval loss and perplexity on
+  the fixed validation rows; plain-text samples."""
+  d = config.data
+
+  def train_source(tokenizer):
+    src = pipeline.open_source(d, d.train_split)
+    return pipeline.GrainSource(pipeline.packed_dataset(
+        src, tokenizer, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
+        text_key=d.text_key, add_bos=d.add_bos, add_eos=d.add_eos, shuffle_window=d.shuffle_window))
+
+  def eval_batches(tokenizer):
+    return pipeline.eval_batches(d, tokenizer, seq_len=config.seq_len, batch_size=config.batch_size,
+                                 max_batches=config.eval_batches)
+
+  return Stage(name='pretrain', loss=loss, batch_axes=BATCH_AXES, train_source=train_source,
+               eval_batches=eval_batches, evaluators=(evaluation.perplexity,), prompt_format=chat.PLAIN)

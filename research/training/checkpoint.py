@@ -37,18 +37,17 @@ def checkpoint_dir(workdir: str) -> str:
 class Checkpointer:
   """Saves and restores TrainState + data state under workdir/checkpoints."""
 
-  def __init__(self, workdir: str, keep: int = 2, async_save: bool = True):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+  def __init__(self, workdir: str, keep: int = 2):
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                          item_names=_ITEMS)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, state: TrainState, data_state: dict, *, force: bool = False) -> None:
+  def save(self, state: TrainState, data_state: dict) -> None:
     step = int(jax.device_get(state.step))
-    self.manager.save(step, force=force, args=ocp.args.Composite(
+    self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(state.opt_state),
         meta=ocp.args.StandardSave({'step': state.step, 'rng': state.rng}),
@@ -72,9 +71,6 @@ class Checkpointer:
                        opt_state=out['opt_state'], rng=out['meta']['rng'])
     return state, json_lists_to_tuples(out['data'])
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
@@ -88,9 +84,10 @@ def _saved_param_names(path: str, step: int) -> set[str]:
   return set(getattr(meta, 'tree', meta))
 
 
-def restore_params(workdir: str, abstract_params: Any, *,
-                   optional: tuple[str, ...] = ()) -> tuple[Any, int]:
-  """Parameters of the latest checkpoint of another run (for init_from).
+def restore_params(workdir: str, abstract_params: Any, *, optional: tuple[str, ...] = (),
+                   role: str = 'init_from') -> tuple[Any, int]:
+  """(parameters, step) of the latest checkpoint of a run: another run's, for
+  init_from, or a finished run's (`role` names it in error messages).
 
   `optional` names top-level modules that the checkpoint may lack (a reward
   model's new `score` head when init_from is a language model); the result then
@@ -99,12 +96,12 @@ def restore_params(workdir: str, abstract_params: Any, *,
   """
   path = checkpoint_dir(workdir)
   if not os.path.isdir(path):
-    raise UserError(f'init_from={workdir!r} has no checkpoints/ directory; point it at the '
+    raise UserError(f'{role}={workdir!r} has no checkpoints/ directory; point it at the '
                     'workdir of a finished run.')
   manager = ocp.CheckpointManager(path, item_names=_ITEMS)
   step = manager.latest_step()
   if step is None:
-    raise UserError(f'init_from={workdir!r} holds no complete checkpoint.')
+    raise UserError(f'{role}={workdir!r} holds no complete checkpoint.')
   try:
     if optional:
       saved = _saved_param_names(path, step)
@@ -117,7 +114,7 @@ def restore_params(workdir: str, abstract_params: Any, *,
       restore = ocp.args.StandardRestore(abstract_params)
     out = manager.restore(step, args=ocp.args.Composite(params=restore))
   except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f'init_from={workdir!r}: its parameters do not fit this model '
+    raise UserError(f'{role}={workdir!r}: its parameters do not fit this model '
                     f'({type(e).__name__}: {str(e).splitlines()[0][:300]}); the model config '
                     'must match the one that run used.') from None
   manager.close()
@@ -125,7 +122,7 @@ def restore_params(workdir: str, abstract_params: Any, *,
   missing = [jax.tree_util.keystr(path) for path, leaf in
              jax.tree_util.tree_flatten_with_path(out['params'])[0] if not isinstance(leaf, jax.Array)]
   if missing:
-    raise UserError(f'init_from={workdir!r}: its parameters do not fit this model (it lacks '
+    raise UserError(f'{role}={workdir!r}: its parameters do not fit this model (it lacks '
                     f'{", ".join(missing[:3])}{" ..." if len(missing) > 3 else ""}); the model config '
                     'must match the one that run used.')
   return out['params'], step

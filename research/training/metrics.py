@@ -1,4 +1,4 @@
-"""Metric sinks: workdir/metrics.jsonl and TensorBoard events (process 0 only)."""
+"""Metric sinks: the console, workdir/metrics.jsonl and TensorBoard events (process 0 only)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,12 @@ import math
 import os
 
 import jax
+
+
+def log(msg: str) -> None:
+  """Prints on process 0 only."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
 
 
 class MetricWriter:

@@ -1,0 +1,83 @@
+"""Evaluators and held-out metrics beyond the loss.
+
+An evaluator is called by the training loop after the eval loss as
+`evaluator(policy, tokenizer, metrics) -> {name: value}` (logged as
+eval/<name>); `metrics` holds what evaluation has computed so far (eval/loss,
+...). Evaluators load their own data, once.
+
+* `perplexity`: exp(eval/loss), for stages whose loss is a token cross-entropy.
+* `ExactMatch`: greedy answers to the held-out generated tasks (sft_tasks).
+
+Preference accuracy is a metric of the DPO and reward losses themselves
+(eval/rewards/accuracies, eval/accuracy); experiments/preference_breakdown.py
+computes it over every held-out pair, per family and kind of error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from research import sampling
+from research.data import chat, pipeline
+from research.data.tokenizer import Tokenizer
+
+
+def perplexity(policy, tokenizer, metrics: dict) -> dict[str, float]:
+  """exp(eval/loss) (capped at exp(50))."""
+  del policy, tokenizer
+  return {'perplexity': math.exp(min(metrics['eval/loss'], 50.0))}
+
+
+def exact_match(model, params, tokenizer: Tokenizer, rows: list[dict], *, max_new_tokens: int = 24,
+                batch_size: int = 128) -> dict[str, float]:
+  """Fraction of rows whose greedy reply equals row['answer'] (stripped), overall
+  ('exact_match') and per family ('exact_match/<family>')."""
+  prompts = [chat.prompt_ids(r['messages'], tokenizer) for r in rows]
+  stops = chat.stop_tokens(tokenizer)
+  correct = []
+  for i in range(0, len(prompts), batch_size):
+    chunk = prompts[i:i + batch_size]
+    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
+    outs = sampling.generate(model, params, padded, max_new_tokens=max_new_tokens,
+                             stop_tokens=stops, pad_id=tokenizer.pad_id)[:len(chunk)]
+    for out, row in zip(outs, rows[i:i + batch_size]):
+      text = tokenizer.decode([t for t in out if t not in stops])
+      correct.append(text.strip() == row['answer'].strip())
+  result = {'exact_match': float(np.mean(correct))}
+  for family in sorted({r['family'] for r in rows}):
+    hits = [c for c, r in zip(correct, rows) if r['family'] == family]
+    result[f'exact_match/{family}'] = float(np.mean(hits))
+  return result
+
+
+def task_rows(data_cfg, examples: int = 0) -> list[dict]:
+  """The held-out generated tasks (sft_tasks validation), sorted by family and
+  question; the first `examples` of them (0: all 300)."""
+  src = pipeline.open_named(data_cfg, 'sft_tasks', 'validation')
+  rows = [json.loads(src[i]['json']) for i in range(len(src))]
+  rows.sort(key=lambda r: (r['family'], r['messages'][0]['content']))
+  return rows[:examples] if examples > 0 else rows
+
+
+class ExactMatch:
+  """Evaluator: exact match of greedy answers on the held-out generated tasks."""
+
+  def __init__(self, data_cfg, examples: int = 0, max_new_tokens: int = 24):
+    self.data_cfg, self.examples, self.max_new_tokens = data_cfg, examples, max_new_tokens
+    self._rows = None
+
+  def __call__(self, policy, tokenizer: Tokenizer, metrics: dict) -> dict[str, float]:
+    del metrics
+    if self._rows is None:
+      self._rows = task_rows(self.data_cfg, self.examples)
+    return exact_match(policy.model, policy.params, tokenizer, self._rows,
+                       max_new_tokens=self.max_new_tokens)
+
+
+def task_evaluators(data_cfg, task_eval_cfg) -> tuple:
+  """(ExactMatch,) on the held-out generated tasks when task_eval.exact_match, else ()."""
+  t = task_eval_cfg
+  return (ExactMatch(data_cfg, t.examples, t.max_new_tokens),) if t.exact_match else ()

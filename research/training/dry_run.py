@@ -1,0 +1,85 @@
+"""The dry run: compile the train step on abstract inputs and report sizes,
+memory and FLOPs, without allocating parameters or reading data.
+
+    python -m research.main --config=configs/pretrain.py:size=8b --workdir=/tmp/plan \
+        --config.dry_run=True --config.mesh.data=1 --config.mesh.fsdp=8
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from research import models
+from research.models import count_params
+from research.training import sharding
+from research.training.metrics import log
+
+
+def abstract_batch(trainer) -> dict[str, jax.ShapeDtypeStruct]:
+  """The stage's batch as ShapeDtypeStructs: each field's logical axes sized by
+  config.batch_size and config.seq_len, with its sharding."""
+  c, stage = trainer.config, trainer.stage
+  sizes = {'batch': c.batch_size, 'length': c.seq_len}
+  return {k: jax.ShapeDtypeStruct(tuple(sizes[a] for a in axes), stage.batch_dtypes.get(k, 'int32'),
+                                  sharding=trainer.batch_shardings[k])
+          for k, axes in stage.batch_axes.items()}
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes of one device's shard of every leaf (ShapeDtypeStructs with shardings)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def dry_run(trainer) -> dict[str, Any]:
+  """Compiles the train step on abstract inputs; prints and returns the report."""
+  c = trainer.config
+  t0 = time.time()
+  with trainer.mesh_context():
+    frozen = sharding.with_shardings(trainer.abstract_frozen, trainer.frozen_shardings)
+    compiled = trainer.train_step.lower(trainer.abstract_state, abstract_batch(trainer), frozen).compile()
+  compile_s = time.time() - t0
+
+  n_params = count_params(trainer.layout.abstract)
+  report = {
+      'params': n_params,
+      'param_bytes_per_device': per_device_bytes(trainer.abstract_state.params),
+      'opt_state_bytes_per_device': per_device_bytes(trainer.abstract_state.opt_state),
+      'frozen_bytes_per_device': per_device_bytes(frozen),
+      'compile_seconds': compile_s,
+  }
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    for name in ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
+                 'generated_code_size_in_bytes'):
+      report[name] = getattr(mem, name, None)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  if cost:  # XLA counts a scanned layer's body once, so this undercounts with scan_layers
+    report['xla_flops_per_step_per_device'] = cost.get('flops')
+  report['model_flops_per_step'] = models.flops_per_token(trainer.model.cfg, c.seq_len) * c.batch_size * c.seq_len
+  gib = 2 ** 30
+  log(f'dry run: {n_params / 1e9:.2f}B parameters')
+  log(f'  parameters per device:      {report["param_bytes_per_device"] / gib:8.3f} GiB (trainable)')
+  log(f'  optimizer state per device: {report["opt_state_bytes_per_device"] / gib:8.3f} GiB')
+  if report['frozen_bytes_per_device']:
+    log(f'  frozen trees per device:    {report["frozen_bytes_per_device"] / gib:8.3f} GiB '
+        f'({", ".join(trainer.held_frozen)})')
+  if mem is not None:
+    log(f'  compiled temp per device:   {report["temp_size_in_bytes"] / gib:8.3f} GiB')
+  log(f'  model FLOPs per step:       {report["model_flops_per_step"]:.3e} (6N + 12LHQT, all devices)')
+  if report.get('xla_flops_per_step_per_device'):
+    log(f'  XLA FLOPs per step/device:  {report["xla_flops_per_step_per_device"]:.3e} '
+        '(a scanned layer counts once)')
+  log(f'  compile time:               {compile_s:8.1f} s')
+  log(json.dumps(report))
+  return report

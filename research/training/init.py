@@ -1,0 +1,208 @@
+"""Where parameters come from: the seed, `init_from` (a run's workdir or
+hf:<dir>), a checkpoint to resume, the frozen trees, and a finished run.
+
+    config = resolve_config(config)                     # init_from=hf:<dir> sets the architecture
+    state, frozen, data_state = setup_state(trainer, ckpt)
+    run = load_params('runs/sft')                       # config, model, params, tokenizer
+
+Everything is created already sharded: abstract shapes -> shardings ->
+jit(init, out_shardings), or orbax restoring onto those shardings.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from research import lora, models
+from research.data import pipeline
+from research.data.tokenizer import Tokenizer
+from research.errors import UserError
+from research.training import checkpoint as ckpt_lib
+from research.training import sharding
+from research.training.state import TrainState
+from research.training.step import BASE
+from research.training.validate import build_model
+
+HF_PREFIX = 'hf:'
+# Model fields an hf:<dir> checkpoint does not decide: numerics, memory and the head.
+_KEEP_ON_HF = ('dtype', 'param_dtype', 'remat', 'scan_layers', 'init_std', 'head', 'attention_impl')
+
+
+def resolve_config(config):
+  """The config to run: for init_from=hf:<dir>, config.model's family and
+  architecture come from the checkpoint's config.json (the fields in
+  _KEEP_ON_HF stay as configured). Returns a new ConfigDict; `config` is not changed."""
+  if not config.init_from.startswith(HF_PREFIX):
+    return config
+  from research.interop import hf  # pylint: disable=import-outside-toplevel
+  arch = hf.model_config_from_hf(hf.read_config(config.init_from[len(HF_PREFIX):]))
+  fields = {f.name: getattr(arch, f.name) for f in dataclasses.fields(arch)}
+  fields.update({k: config.model[k] for k in _KEEP_ON_HF if k in config.model})
+  resolved = copy.deepcopy(config)
+  with resolved.unlocked():
+    resolved.model = ml_collections.ConfigDict({'family': arch.family, **fields})
+  return resolved
+
+
+def load_tokenizer(config, workdir: str) -> Tokenizer:
+  """The run's tokenizer: its own copy if resuming, init_from's, or the configured one."""
+  own = os.path.join(workdir, 'tokenizer.model')
+  if os.path.exists(own):
+    tok = Tokenizer.load(own)
+  elif config.init_from.startswith(HF_PREFIX) and not config.data.tokenizer:
+    from research.interop import hf  # pylint: disable=import-outside-toplevel
+    tok = hf.load_tokenizer(config.init_from[len(HF_PREFIX):])
+  elif config.init_from and os.path.exists(os.path.join(config.init_from, 'tokenizer.model')):
+    tok = Tokenizer.load(os.path.join(config.init_from, 'tokenizer.model'))
+  else:
+    tok = pipeline.get_tokenizer(config.data, config.model.vocab_size)
+  if tok.vocab_size > config.model.vocab_size:
+    raise UserError(f'the tokenizer {tok.path} has {tok.vocab_size} tokens but '
+                    f'config.model.vocab_size={config.model.vocab_size}; set model.vocab_size to at '
+                    'least the tokenizer size, or use a matching tokenizer.')
+  if jax.process_index() == 0 and not os.path.exists(own):
+    tok.save(own + '.tmp')
+    os.replace(own + '.tmp', own)
+  return tok
+
+
+def _overlay(tree, base):
+  """`tree` with every leaf that `base` holds replaced by base's."""
+  if not isinstance(tree, dict):
+    return base
+  return {k: _overlay(v, base[k]) if k in base else v for k, v in tree.items()}
+
+
+def _seeded(layout: sharding.ParamLayout, seq_len: int):
+  """(rng, base) -> the full parameter tree: the seed's init, overlaid by `base`."""
+  return lambda rng, base: _overlay(nn.meta.unbox(layout.init_boxed(rng, seq_len)), base)
+
+
+def seed_params(layout: sharding.ParamLayout, seed: int, seq_len: int, base=None):
+  """The full parameter tree a seed initialises (overlaid by `base` where given), sharded."""
+  with sharding.MeshContext(layout.mesh, layout.rules):
+    return jax.jit(_seeded(layout, seq_len), out_shardings=layout.shardings,
+                   donate_argnums=(1,))(jax.random.PRNGKey(seed), base or {})
+
+
+def init_state(trainer, base=None) -> tuple[TrainState, Any]:
+  """(fresh state, frozen LoRA base or {}), created already sharded.
+
+  `base`, loaded weights (the full tree, or with LoRA the frozen base; either
+  may lack a new head), replaces the random values it covers: jit drops their
+  random init, and base's buffers are donated, so there is one copy at peak.
+  """
+  seed, layout = trainer.config.seed, trainer.layout
+  seeded = _seeded(layout, trainer.config.seq_len)
+
+  def init(rng, base):
+    trainable, frozen = layout.split(seeded(rng, base))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=trainer.tx.init(trainable),
+                       rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+    return state, frozen
+
+  base_shardings = jax.tree.map(lambda a: a.sharding, layout.base)
+  with trainer.mesh_context():
+    return jax.jit(init, out_shardings=(trainer.state_shardings, base_shardings),
+                   donate_argnums=(1,))(jax.random.PRNGKey(seed), base or {})
+
+
+def load_init_from(config, layout: sharding.ParamLayout):
+  """The weights of config.init_from (a run's workdir, or hf:<dir>), placed
+  sharded: the full tree, or with LoRA the frozen base. A new head (a reward
+  model's `score`) may be missing from them; the seed initialises it."""
+  src = config.init_from
+  if src.startswith(HF_PREFIX):
+    from research.interop import hf  # pylint: disable=import-outside-toplevel
+    cfg = layout.model.cfg
+    _, params = hf.load_pretrained(
+        src[len(HF_PREFIX):], dtype=cfg.param_dtype, compute_dtype=cfg.dtype, mesh=layout.mesh,
+        rules=layout.rules, remat=cfg.remat, scan_layers=cfg.scan_layers, head=cfg.head)
+    return layout.split(params)[1] if layout.uses_lora else params
+  return ckpt_lib.restore_params(src, layout.base if layout.uses_lora else layout.trainable,
+                                 optional=models.NEW_HEADS)[0]
+
+
+@jax.jit
+def _copy(tree):
+  """A copy in new buffers (same shardings), safe to keep when the original is donated
+  (the train step donates the state, so a frozen copy must not share its buffers)."""
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def _initial_params(trainer):
+  """What a fresh run starts from, init_from's weights or the seed's: the frozen
+  base with LoRA, else the full tree."""
+  if trainer.config.init_from:
+    return load_init_from(trainer.config, trainer.layout)
+  state, base = init_state(trainer)
+  return base if trainer.uses_lora else state.params
+
+
+def setup_state(trainer, ckpt) -> tuple[TrainState, dict, dict | None]:
+  """(state, frozen trees by name, data iterator state or None): resumed from
+  the latest checkpoint of `ckpt`, else fresh, warm-started from init_from
+  when set. See Trainer for what `frozen` holds."""
+  latest = ckpt.latest_step() if ckpt is not None else None
+  if latest is not None:
+    state, data_state = ckpt.restore(latest, trainer.abstract_state)
+    # Frozen trees are not in the checkpoint: rebuild them exactly.
+    initial = _initial_params(trainer) if trainer.held_frozen else {}
+    return state, {name: initial for name in trainer.held_frozen}, data_state
+  state, base = init_state(trainer, load_init_from(trainer.config, trainer.layout)
+                           if trainer.config.init_from else None)
+  if trainer.uses_lora:
+    return state, {BASE: base}, None
+  copied = _copy(state.params) if trainer.held_frozen else {}
+  return state, {name: copied for name in trainer.held_frozen}, None
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  """A finished run's parameters on one device, for export, scoring and evaluation."""
+
+  config: Any
+  model: Any
+  params: Any  # the full tree (LoRA base and adapters combined)
+  tokenizer: Tokenizer | None
+  layout: sharding.ParamLayout
+
+  def initial_params(self):
+    """The parameters the run started from, DPO's frozen reference: init_from's
+    (or the seed's); with LoRA the base with adapters off."""
+    if self.layout.uses_lora:
+      return lora.reference_params(*self.layout.split(self.params))
+    if self.config.init_from:
+      return load_init_from(self.config, self.layout)
+    return seed_params(self.layout, self.config.seed, self.config.seq_len)
+
+
+def load_params(workdir: str) -> LoadedRun:
+  """The latest checkpoint's parameters of the run in `workdir` (no optimizer state is read)."""
+  cfg_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(cfg_path):
+    raise UserError(f'{workdir} has no config.json; point at a training run\'s workdir.')
+  with open(cfg_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  model = build_model(config)
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  layout = sharding.param_layout(model, mesh, sharding.rules_from_config(config.sharding_rules),
+                                 uses_lora=model.lora is not None, seq_len=config.seq_len)
+  trainable, _ = ckpt_lib.restore_params(workdir, layout.trainable, role='workdir')
+  params = trainable
+  if layout.uses_lora:  # the base is not in the run's checkpoints: rebuild it as training did
+    base = (load_init_from(config, layout) if config.init_from
+            else layout.split(seed_params(layout, config.seed, config.seq_len))[1])
+    params = lora.combine(base, trainable)
+  tok_path = os.path.join(workdir, 'tokenizer.model')
+  tokenizer = Tokenizer.load(tok_path) if os.path.exists(tok_path) else None
+  return LoadedRun(config, model, params, tokenizer, layout)

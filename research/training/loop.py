@@ -1,0 +1,225 @@
+"""The one training loop every stage shares.
+
+    train(config, workdir, stage):
+      setup:  Trainer (mesh, shardings, jitted steps) -> tokenizer -> batch source
+              -> state: resumed from a checkpoint, or fresh (seed / init_from)
+      loop:   batch = source.next(policy)                      # offline sources ignore the policy
+              state, metrics = trainer.train_step(state, batch, frozen)
+              hooks: log every log_every, checkpoint every checkpoint_every,
+                     evaluate (+ samples) every eval_every, then the stage's own
+
+A hook is `Hook(every, fn)` with `fn(run, step)`; `run` (a Run) holds the
+run's parts and its current state, so a hook can read or replace them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from research import sampling
+from research.data.tokenizer import Tokenizer
+from research.models import count_params
+from research.training import checkpoint as ckpt_lib
+from research.training import init
+from research.training.dry_run import dry_run
+from research.training.metrics import MetricWriter, log
+from research.training.stage import Hook, Stage
+from research.training.state import TrainState
+from research.training.step import BASE, full_params
+from research.training.trainer import Trainer
+
+
+@dataclasses.dataclass
+class Run:
+  """A run in progress: what hooks see and may change."""
+
+  config: Any
+  workdir: str
+  stage: Stage
+  trainer: Trainer
+  tokenizer: Tokenizer
+  source: Any            # the BatchSource
+  eval_data: list
+  ckpt: ckpt_lib.Checkpointer
+  writer: MetricWriter
+  state: TrainState
+  frozen: dict
+  metrics: dict = dataclasses.field(default_factory=dict)  # the last step's (on device)
+  last: dict = dataclasses.field(default_factory=dict)     # every metric logged so far, latest value
+  interval_start: float = 0.0  # for tokens/sec: hooks' time is not training time
+  interval_steps: int = 0
+
+  def policy(self) -> sampling.Policy:
+    """The model with the current full parameters (valid until the next step donates them)."""
+    return sampling.Policy(self.trainer.model, full_params(self.state.params, self.frozen))
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def _eval_summary(ev: dict) -> str:
+  parts = [f'eval loss {ev["eval/loss"]:.4f}']
+  if 'eval/perplexity' in ev:
+    parts.append(f'ppl {ev["eval/perplexity"]:.1f}')
+  parts += [f'{k[5:]} {v:.3f}' for k, v in ev.items()
+            if k.startswith('eval/') and k not in ('eval/loss', 'eval/perplexity')]
+  return ' | '.join(parts)
+
+
+def write_config(config, workdir: str) -> None:
+  """Writes the resolved config atomically as workdir/config.json."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(path + '.tmp', path)
+
+
+def evaluate(run: Run) -> dict[str, float]:
+  """Weighted means of the loss and its metrics over the fixed eval batches
+  (eval/loss, eval/<metric>), then the stage's evaluators (eval/<name>)."""
+  trainer, totals = run.trainer, None
+  with trainer.mesh_context():
+    for b in run.eval_data:
+      out = trainer.eval_step(run.state.params, run.frozen, trainer.to_global(b))
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    w = max(float(totals.pop('weight')), 1.0)
+    result = {'eval/loss': float(totals.pop('loss_sum')) / w}
+    result.update({f'eval/{k}': float(v) / w for k, v in totals.items()})
+    policy = run.policy()
+    for evaluator in run.stage.evaluators:
+      result.update({f'eval/{k}': float(v) for k, v in evaluator(policy, run.tokenizer, result).items()})
+  return result
+
+
+def samples(run: Run) -> list[str]:
+  """Greedy and temperature continuations of config.sample.prompts, in the
+  stage's prompt format (e.g. the chat template)."""
+  s, fmt, tok = run.config.sample, run.stage.prompt_format, run.tokenizer
+  prompts = [fmt.encode(tok, p) for p in s.prompts]
+  policy, lines = run.policy(), []
+  with run.trainer.mesh_context():
+    for temp in sorted({0.0, float(s.temperature)}):
+      outs = sampling.generate(policy.model, policy.params, prompts, max_new_tokens=s.max_new_tokens,
+                               rng=jax.random.PRNGKey(run.config.seed), temperature=temp, top_k=s.top_k,
+                               top_p=s.top_p, stop_tokens=fmt.stop_tokens(tok), pad_id=tok.pad_id)
+      for p, o in zip(s.prompts, outs):
+        lines.append(f'[T={temp:g}] {p!r} -> {tok.decode(o)!r}')
+  return lines
+
+
+def log_hook(run: Run, step: int) -> None:
+  """Fetches the step's metrics (the only per-interval host sync), writes and prints them."""
+  metrics = jax.device_get(run.metrics)
+  elapsed = time.time() - run.interval_start
+  c = run.config
+  metrics['train/tokens_per_sec'] = run.interval_steps * c.batch_size * c.seq_len / max(elapsed, 1e-9)
+  metrics.pop('train/weight', None)
+  run.writer.write(step, metrics)
+  eta = (c.steps - step) * elapsed / run.interval_steps
+  log(f'step {step}/{c.steps} | loss {metrics["train/loss"]:.4f} | lr {metrics["train/lr"]:.2e} | '
+      f'gnorm {metrics["train/grad_norm"]:.2f} | {metrics["train/tokens_per_sec"]:,.0f} tok/s | '
+      f'eta {_fmt_time(eta)}')
+  run.last.update(metrics)
+  run.interval_start, run.interval_steps = time.time(), 0
+
+
+def checkpoint_hook(run: Run, step: int) -> None:
+  """Saves the train state with the batch source's state (asynchronously)."""
+  del step
+  run.ckpt.save(run.state, run.source.get_state())
+
+
+def eval_hook(run: Run, step: int) -> None:
+  """Evaluates, writes and prints eval/ metrics."""
+  ev = evaluate(run)
+  run.writer.write(step, ev)
+  run.last.update(ev)
+  log(f'step {step} | {_eval_summary(ev)}')
+
+
+def samples_hook(run: Run, step: int) -> None:
+  """Prints samples (every process runs the sharded sampler; process 0 prints)."""
+  del step
+  for line in samples(run):
+    log('  sample ' + line)
+
+
+def hooks(config, stage: Stage) -> list[Hook]:
+  """The loop's hooks, in the order they run after a step."""
+  out = [Hook(config.checkpoint_every, checkpoint_hook), Hook(config.eval_every, eval_hook)]
+  if config.sample.prompts and stage.prompt_format is not None:
+    out.append(Hook(config.eval_every, samples_hook))
+  return out + list(stage.hooks)
+
+
+def train(config, workdir: str, stage: Stage, devices=None) -> dict[str, Any]:
+  """Runs (or resumes) `stage` in `workdir`; returns the last metrics (or the dry-run report).
+
+  `devices` restricts the mesh to a subset of jax.devices() (tests use it to
+  compare meshes in one process).
+  """
+  config = init.resolve_config(config)
+  trainer = Trainer(config, stage, devices)
+  log(f'model: {count_params(trainer.layout.abstract) / 1e6:.2f}M parameters | mesh '
+      f'{dict(trainer.mesh.shape)} | {jax.device_count()} devices, {jax.process_count()} processes')
+  if config.dry_run:
+    return dry_run(trainer)
+
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer = init.load_tokenizer(config, workdir)
+  write_config(config, workdir)
+  source = stage.train_source(tokenizer)
+  eval_data = stage.eval_batches(tokenizer)
+
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  writer = MetricWriter(workdir)
+  state, frozen, data_state = init.setup_state(trainer, ckpt)
+  start = int(jax.device_get(state.step))
+  if data_state is not None:
+    source.set_state(data_state)
+    writer.truncate_after(start)
+    log(f'resumed from {ckpt_lib.checkpoint_dir(workdir)}/{start}')
+  elif config.init_from:
+    log(f'initialised parameters from {config.init_from}')
+  n_train = count_params(state.params)
+  n_all = n_train + count_params(frozen.get(BASE, {}))
+  log(f'trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.2f}%)')
+
+  run = Run(config, workdir, stage, trainer, tokenizer, source, eval_data, ckpt, writer, state, frozen)
+  if start == 0:
+    run.last = evaluate(run)
+    run.last['train/trainable_params'] = n_train
+    writer.write(0, run.last)
+    log(f'step 0 | {_eval_summary(run.last)}')
+
+  log_every = Hook(config.log_every, log_hook)
+  after_step = hooks(config, stage)
+  t_start = time.time()
+  run.interval_start = time.time()
+  with trainer.mesh_context():
+    for step in range(start + 1, config.steps + 1):
+      batch = trainer.to_global(source.next(run.policy()))
+      run.state, run.metrics = trainer.train_step(run.state, batch, run.frozen)
+      run.interval_steps += 1
+      if log_every.due(step, config.steps):
+        log_hook(run, step)
+      for hook in after_step:
+        if hook.due(step, config.steps):
+          hook_start = time.time()
+          hook.fn(run, step)
+          run.interval_start += time.time() - hook_start  # not training throughput
+  ckpt.close()
+  writer.close()
+  log(f'done: {config.steps - start} steps in {_fmt_time(time.time() - t_start)}')
+  return run.last

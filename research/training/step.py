@@ -1,0 +1,116 @@
+"""The train and eval steps: pure functions of (state, batch, frozen).
+
+    new_state, metrics = train_step(state, batch, frozen, model=..., loss_fn=..., tx=..., schedule=...)
+
+`frozen` is one dict of named parameter trees that never train: 'base' (a
+LoRA run's base weights; `state.params` then holds only the adapters) and any
+frozen copy a stage's loss reads, such as DPO's 'reference'. A stage loss is
+
+    loss_fn(model, params, batch, frozen_views, rng) -> (loss, weight, metrics)
+
+with `params` the full tree (base and adapters combined), `frozen_views` the
+trees named in `frozen_names`, `loss` a mean over `weight` items (tokens,
+pairs, ...) and rng None in evaluation. Micro-batches (gradient accumulation)
+and devices combine as sum(loss * weight) / sum(weight), so accumulation is
+exact. The Trainer jits these with shardings; a test or notebook can call
+them directly on one device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from research import lora
+from research.training.state import TrainState
+
+BASE = 'base'  # frozen name of a LoRA run's base weights
+
+LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
+
+
+def full_params(params, frozen: dict):
+  """The model's parameter tree from the trainable tree and the frozen ones."""
+  return lora.combine(frozen.get(BASE, {}), params)
+
+
+def loss_views(params, frozen: dict, names: Sequence[str]) -> dict:
+  """The frozen trees a loss reads, by name. Each is a frozen copy of the
+  initial parameters; a LoRA run holds none, since that is exactly the base
+  with adapters off (lora.reference_params)."""
+  views = {}
+  for name in names:
+    if name in frozen:
+      views[name] = frozen[name]
+    elif BASE in frozen:
+      views[name] = lora.reference_params(params, frozen[BASE])
+    else:
+      raise ValueError(f'frozen tree {name!r} is neither held nor derivable (no LoRA base)')
+  return views
+
+
+def loss_and_grads(params, frozen, batch, rng, *, model, loss_fn: LossFn, frozen_names=()):
+  """(loss, weight, metrics, gradient of loss * weight) at `params` (the trainable tree)."""
+  def f(p):
+    loss, weight, metrics = loss_fn(model, full_params(p, frozen), batch,
+                                    loss_views(p, frozen, frozen_names), rng)
+    return loss * weight, (loss, weight, metrics)
+  (_, (loss, weight, metrics)), grads_sum = jax.value_and_grad(f, has_aux=True)(params)
+  return loss, weight, metrics, grads_sum
+
+
+def train_step(state: TrainState, batch: dict, frozen: dict, *, model, loss_fn: LossFn,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, accum: int = 1,
+               frozen_names: Sequence[str] = (), micro_shardings: dict | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on `batch` (split into `accum` micro-batches).
+
+  Returns the new state and metrics: train/loss (weighted over the batch),
+  train/grad_norm, train/lr (of this update), train/weight and the loss's own
+  metrics as train/<name> (means over micro-batches). `micro_shardings`
+  (per batch key, for the [accum, rows, ...] micro-batch stack) keeps each
+  device on its own rows; None on one device.
+  """
+  rng, step_rng = jax.random.split(state.rng)
+  grad_fn = lambda p, mb, r: loss_and_grads(p, frozen, mb, r, model=model, loss_fn=loss_fn,
+                                            frozen_names=frozen_names)
+  if accum == 1:
+    loss, weight, metrics, grads_sum = grad_fn(state.params, batch, step_rng)
+    loss_sum = loss * weight
+  else:
+    # Microbatch a takes rows a, a + accum, ...: each device splits its own rows, no reshuffle.
+    micro = jax.tree.map(lambda x: x.reshape((-1, accum) + x.shape[1:]).swapaxes(0, 1), batch)
+    if micro_shardings is not None:
+      micro = {k: jax.lax.with_sharding_constraint(v, micro_shardings[k]) for k, v in micro.items()}
+
+    def body(carry, xs):
+      g_acc, l_acc, w_acc = carry
+      mb, i = xs
+      loss, weight, metrics, g = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
+      g_acc = jax.tree.map(jnp.add, g_acc, g)
+      return (g_acc, l_acc + loss * weight, w_acc + weight), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads_sum, loss_sum, weight), metrics = jax.lax.scan(
+        body, (zeros, jnp.float32(0), jnp.float32(0)), (micro, jnp.arange(accum)))
+    metrics = jax.tree.map(jnp.mean, metrics)
+  grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1.0), grads_sum)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  out = {'train/loss': loss_sum / jnp.maximum(weight, 1.0), 'train/grad_norm': optax.tree.norm(grads),
+         'train/lr': schedule(state.step), 'train/weight': weight}
+  out.update({f'train/{k}': v for k, v in metrics.items()})
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), out
+
+
+def eval_step(params, frozen: dict, batch: dict, *, model, loss_fn: LossFn,
+              frozen_names: Sequence[str] = ()) -> dict[str, Any]:
+  """Weighted sums over one eval batch: loss_sum, weight and each metric * weight."""
+  loss, weight, metrics = loss_fn(model, full_params(params, frozen), batch,
+                                  loss_views(params, frozen, frozen_names), None)
+  out = {'loss_sum': loss * weight, 'weight': weight}
+  out.update({k: v * weight for k, v in metrics.items()})
+  return out
