@@ -47,6 +47,8 @@ def _expected_shapes(m):
              "['attn']['v']['kernel']": (D, K, Dh), "['attn']['o']['kernel']": (H, Dh, D),
              "['mlp']['gate']['kernel']": (D, F), "['mlp']['up']['kernel']": (D, F),
              "['mlp']['down']['kernel']": (F, D), "['attn_norm']['scale']": (D,), "['mlp_norm']['scale']": (D,)}
+    if m.family == 'qwen3':  # per-head RMSNorm of queries and keys
+      layer.update({"['attn']['q_norm']['scale']": (Dh,), "['attn']['k_norm']['scale']": (Dh,)})
     if m.scan_layers:  # stacked under nn.scan: one leading layers axis
       out.update({f"['layers']{k}": (m.n_layers,) + v for k, v in layer.items()} if i == 0 else {})
     else:
@@ -62,10 +64,11 @@ def test_config_file_builds_the_preset_shapes(path):
   assert _shapes(config.model) == _expected_shapes(config.model)
 
 
-@pytest.mark.parametrize('size', ['test', 'tiny', 'small', '1b', '7b', '8b'])
-def test_every_preset_builds_its_shapes(size):
+@pytest.mark.parametrize('size,family', [('test', 'llama'), ('tiny', 'llama'), ('small', 'llama'), ('1b', 'llama'),
+                                         ('7b', 'llama'), ('8b', 'llama'), ('tiny', 'qwen3'), ('8b', 'qwen3')])
+def test_every_preset_builds_its_shapes(size, family):
   from configs import pretrain
-  m = pretrain.get_config(f'size={size}').model
+  m = pretrain.get_config(f'size={size},family={family}').model
   assert _shapes(m) == _expected_shapes(m)
 
 

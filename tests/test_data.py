@@ -1,7 +1,6 @@
 """Tokenizer, sources and packing pipeline."""
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -44,11 +44,14 @@ def test_greedy_generate_matches_repeated_full_forward():
   params = jax.tree.map(lambda x: x * 10, params)  # sharper distributions: fewer near-ties
   prompts = [[5, 9, 2], [7, 1, 3, 3, 8, 4, 2]]  # different lengths: left padding at work
   out = sampling.generate(model, params, prompts, max_new_tokens=8)
+  # Full forwards of the growing sequence, right-padded to one length (causal: the
+  # padding after position t cannot change t's logits), so one compile serves all.
+  forward = jax.jit(lambda t: model.apply({'params': params}, t)[0])
   for prompt, got in zip(prompts, out):
     seq = list(prompt)
     for _ in range(8):
-      logits, _ = model.apply({'params': params}, jnp.asarray([seq]))
-      seq.append(int(jnp.argmax(logits[0, -1])))
+      logits = forward(jnp.asarray([seq + [0] * (16 - len(seq))]))
+      seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
     assert got == seq[len(prompt):]
 
 
@@ -110,3 +113,31 @@ def test_greedy_rollout_logprobs_are_the_models():
   logits = np.asarray(model.apply({'params': params}, jnp.asarray([seq]))[0][0], np.float64)
   want = [_log_softmax(logits[2 + i])[seq[3 + i]] for i in range(4)]
   np.testing.assert_allclose(np.asarray(r['logps'])[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_rollout_on_a_mesh_matches_one_device():
+  """Parameters sharded over fsdp x tensor and prompts over data: the same tokens
+  and log-probs as on one device."""
+  from configs.base import DEFAULT_RULES
+  from research.training import sharding
+  cfg = Config(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+  model = Model(cfg)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(2), jnp.zeros((1, 4), jnp.int32)))['params']
+  prompts = [[5, 9, 2], [7, 1, 3, 3, 8], [4], [6, 6, 6, 1]]
+  tokens, segs, pos = sampling.left_pad(prompts)
+  kw = dict(max_new_tokens=5, temperature=0.7, top_p=0.9)
+  stops = np.asarray([3], np.int32)
+  want = sampling.rollout(model, params, tokens, segs, pos, jax.random.PRNGKey(5), stops, **kw)
+
+  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rules = sharding.rules_from_config(DEFAULT_RULES)
+  layout = sharding.param_layout(model, mesh, rules, uses_lora=False, seq_len=8)
+  placed = jax.device_put(params, layout.shardings)
+  rows = sharding.batch_sharding(mesh, rules)
+  with sharding.MeshContext(mesh, rules):
+    got = sampling.rollout(model, placed, *(jax.device_put(x, rows) for x in (tokens, segs, pos)),
+                           jax.random.PRNGKey(5), stops, **kw)
+  assert got['tokens'].sharding.spec[0] is not None  # the output stays sharded over the batch
+  np.testing.assert_array_equal(np.asarray(got['tokens']), np.asarray(want['tokens']))
+  np.testing.assert_array_equal(np.asarray(got['mask']), np.asarray(want['mask']))
+  np.testing.assert_allclose(np.asarray(got['logps']), np.asarray(want['logps']), rtol=1e-5, atol=1e-6)

@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import sysconfig
-from typing import Any, Iterator
+from typing import Iterator
 
 import tensorflow_datasets as tfds
 
