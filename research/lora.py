@@ -11,6 +11,8 @@ fast sampling.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 
@@ -39,8 +41,13 @@ def from_config(lora_section) -> LoraConfig | None:
     raise UserError(f'config.lora: rank must be >= 0 and dropout in [0, 1) (got {rank}, {dropout}).')
   if rank == 0:
     return None
-  return LoraConfig(rank=rank, alpha=float(lora_section.alpha), dropout=dropout,
-                    targets=resolve_targets(lora_section.targets), rslora=bool(lora_section.rslora))
+  targets = resolve_targets(lora_section.targets)
+  try:
+    re.compile(targets)
+  except re.error as e:
+    raise UserError(f'config.lora.targets={lora_section.targets!r} is not a preset nor a valid regex ({e}).') from None
+  return LoraConfig(rank=rank, alpha=float(lora_section.alpha), dropout=dropout, targets=targets,
+                    rslora=bool(lora_section.rslora))
 
 
 def _split(tree, keep_adapters: bool):

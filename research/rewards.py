@@ -20,6 +20,7 @@ import numpy as np
 from research import models
 from research.data import pairs
 from research.data.tokenizer import Tokenizer
+from research.errors import UserError
 
 
 def scores(model, params, tokens_BT, positions_BT, segment_ids_BT, score_index_B, rng=None):
@@ -63,4 +64,6 @@ def load_reward_model(workdir: str) -> RewardModel:
   """The latest checkpoint of a reward run (config.json, tokenizer, parameters)."""
   from research.training.init import load_params  # pylint: disable=import-outside-toplevel
   run = load_params(workdir)
+  if run.model.cfg.head != 'score':
+    raise UserError(f"{workdir} is not a reward model (model.head={run.model.cfg.head!r}, not 'score').")
   return RewardModel(run.model, run.params, run.tokenizer, run.config.seq_len)

@@ -139,8 +139,8 @@ def test_unsupported_fields_raise(tmp_path):
     hf.load_tokenizer(str(tmp_path))
 
 
-@pytest.mark.parametrize('name', ['llama3_gqa_scaled', 'qwen3_gqa_headdim'])
-def test_init_from_hf_starts_from_those_weights(name, tmp_path, test_config, tok):
+@pytest.mark.parametrize('name,family', [('llama3_gqa_scaled', 'llama'), ('qwen3_gqa_headdim', 'qwen3')])
+def test_init_from_hf_starts_from_those_weights(name, family, tmp_path, test_config, tok):
   """Step-0 eval loss of a run with init_from=hf:<dir> equals the HF model's loss;
   the run takes the checkpoint's family and architecture."""
   from conftest import train
@@ -157,7 +157,7 @@ def test_init_from_hf_starts_from_those_weights(name, tmp_path, test_config, tok
   import json
   with open(os.path.join(workdir, 'config.json')) as f:
     model_section = json.load(f)['model']
-  assert model_section['family'] == name.split('_')[0].rstrip('3').replace('qwen', 'qwen3')
+  assert model_section['family'] == family
   assert model_section['head_dim'] == hf_model.config.head_dim
 
   # The HF loss on the same eval batch, document segment by document segment.
@@ -182,6 +182,14 @@ def test_export_cli_writes_a_loadable_checkpoint(tmp_path, test_config):
   from research import export
   workdir = str(tmp_path / 'run')
   train(test_config(steps=2, model__qkv_bias=True), workdir, devices=jax.devices()[:1])
+  # A run written before LoRA lived in config.lora alone has lora_* copies in config.model.
+  import json
+  path = os.path.join(workdir, 'config.json')
+  with open(path) as f:
+    saved = json.load(f)
+  saved['model'].update(lora_rank=0, lora_alpha=16.0, lora_dropout=0.0, lora_targets='', lora_rslora=False)
+  with open(path, 'w') as f:
+    json.dump(saved, f)
   out = export.export(workdir, str(tmp_path / 'out'))
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
   assert reloaded.config.model_type == 'qwen2' and os.path.exists(os.path.join(out, 'tokenizer.model'))
@@ -190,3 +198,11 @@ def test_export_cli_writes_a_loadable_checkpoint(tmp_path, test_config):
   got, _ = model.apply({'params': params}, jnp.asarray(tokens))
   want = _hf_logits(reloaded, tokens)
   assert np.abs(np.asarray(got) - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_export_as_a_family_that_cannot_hold_the_model_is_an_error():
+  from research.models.llama import Config
+  with pytest.raises(UserError, match='qwen2'):
+    Config(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64).to_hf('qwen2')
+  with pytest.raises(UserError, match='qwen3'):
+    Config(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64).to_hf('qwen3')

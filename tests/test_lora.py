@@ -98,6 +98,8 @@ def test_targets_that_match_nothing_are_a_user_error(test_config):
     make_trainer(test_config(lora__rank=4, lora__targets='nothing/here'))
   with pytest.raises(UserError, match='config.lora'):
     make_trainer(test_config(lora__rank=-1))
+  with pytest.raises(UserError, match='regex'):
+    make_trainer(test_config(lora__rank=4, lora__targets='attn/(q'))
 
 
 def test_lora_run_exports_merged_weights(test_config, tmp_path):

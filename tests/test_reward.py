@@ -131,6 +131,8 @@ def test_model_that_does_not_fit_the_checkpoint_is_an_error(lm_run, test_config)
   t = make_trainer(_reward_config(test_config, init_from=lm_run, model__n_layers=3), jax.devices()[:1])
   with pytest.raises(UserError, match='do not fit'):
     init.setup_state(t, None)
+  with pytest.raises(UserError, match='not a reward model'):
+    rewards.load_reward_model(lm_run)
   lm_head = _reward_config(test_config)
   lm_head.model.head = 'lm'
   with pytest.raises(UserError, match="head='score'"):

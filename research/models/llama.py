@@ -133,6 +133,9 @@ class Config:
       model_type = 'qwen2'  # the family whose attention has q/k/v (and no o) biases
     if model_type not in self.hf_model_types:
       raise UserError(f'model_type={model_type!r}; the {self.family} family exports as {self.hf_model_types}.')
+    if model_type == 'qwen2' and not self.qkv_bias:
+      raise UserError('model_type=qwen2: Qwen2 always has q/k/v biases and this model has none; '
+                      'export it as llama or mistral.')
     out = _common_hf_config(self, model_type, {'llama': 'Llama', 'mistral': 'Mistral', 'qwen2': 'Qwen2'}[model_type])
     if model_type == 'llama':
       out['attention_bias'] = False

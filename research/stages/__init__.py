@@ -3,7 +3,7 @@ binding its data, its loss and its evaluators. research/main.py picks one by
 config.stage and hands it to the training loop.
 
 To add a stage: write research/stages/<name>.py with `stage(config)`, add the
-stage to STAGES, and add configs/<name>.py (see README, "Adding a stage").
+stage to STAGES, and add configs/<name>.py (see README, "Extending").
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from research import models
+from research.errors import UserError
 from research.models import count_params
 from research.training import sharding
 from research.training.metrics import log
@@ -26,6 +27,10 @@ def abstract_batch(trainer) -> dict[str, jax.ShapeDtypeStruct]:
   config.batch_size and config.seq_len, with its sharding."""
   c, stage = trainer.config, trainer.stage
   sizes = {'batch': c.batch_size, 'length': c.seq_len}
+  for k, axes in stage.batch_axes.items():
+    if not set(axes) <= set(sizes):
+      raise UserError(f'stage {stage.name!r}: batch field {k!r} has axes {axes}; a dry run sizes only '
+                      f'{sorted(sizes)} (batch_size, seq_len).')
   return {k: jax.ShapeDtypeStruct(tuple(sizes[a] for a in axes), stage.batch_dtypes.get(k, 'int32'),
                                   sharding=trainer.batch_shardings[k])
           for k, axes in stage.batch_axes.items()}

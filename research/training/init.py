@@ -38,9 +38,10 @@ _KEEP_ON_HF = ('dtype', 'param_dtype', 'remat', 'scan_layers', 'init_std', 'head
 
 
 def resolve_config(config):
-  """The config to run: for init_from=hf:<dir>, config.model's family and
-  architecture come from the checkpoint's config.json (the fields in
-  _KEEP_ON_HF stay as configured). Returns a new ConfigDict; `config` is not changed."""
+  """The config to run: for init_from=hf:<dir>, a copy whose config.model takes
+  its family and architecture from the checkpoint's config.json (the fields in
+  _KEEP_ON_HF stay as configured); otherwise `config` itself. `config` is never
+  changed. Call it once, before building the stage (research/main.py does)."""
   if not config.init_from.startswith(HF_PREFIX):
     return config
   from research.interop import hf  # pylint: disable=import-outside-toplevel
@@ -192,7 +193,11 @@ def load_params(workdir: str) -> LoadedRun:
   if not os.path.exists(cfg_path):
     raise UserError(f'{workdir} has no config.json; point at a training run\'s workdir.')
   with open(cfg_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  # Runs written before LoRA moved to config.lora alone also hold lora_* copies in
+  # config.model; config.lora has the same values.
+  saved['model'] = {k: v for k, v in saved['model'].items() if not k.startswith('lora_')}
+  config = ml_collections.ConfigDict(saved)
   model = build_model(config)
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   layout = sharding.param_layout(model, mesh, sharding.rules_from_config(config.sharding_rules),

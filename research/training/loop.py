@@ -166,10 +166,10 @@ def hooks(config, stage: Stage) -> list[Hook]:
 def train(config, workdir: str, stage: Stage, devices=None) -> dict[str, Any]:
   """Runs (or resumes) `stage` in `workdir`; returns the last metrics (or the dry-run report).
 
-  `devices` restricts the mesh to a subset of jax.devices() (tests use it to
-  compare meshes in one process).
+  `config` is resolved (init.resolve_config) and `stage` built from it, as
+  research/main.py does. `devices` restricts the mesh to a subset of
+  jax.devices() (tests use it to compare meshes in one process).
   """
-  config = init.resolve_config(config)
   trainer = Trainer(config, stage, devices)
   log(f'model: {count_params(trainer.layout.abstract) / 1e6:.2f}M parameters | mesh '
       f'{dict(trainer.mesh.shape)} | {jax.device_count()} devices, {jax.process_count()} processes')

@@ -170,6 +170,7 @@ def param_layout(model, mesh, rules, *, uses_lora: bool, seq_len: int) -> ParamL
   check_divisible(abstract, shardings)
   layout = dataclasses.replace(layout, abstract=abstract, shardings=shardings)
   if uses_lora and not layout.split(abstract)[0]:
-    raise UserError('config.lora.targets matches no parameter; use a preset (attention, '
-                    "attention_up_down, all_linear) or a regex over paths like 'layers_0/attn/q/kernel'.")
+    raise UserError(f'config.lora.targets ({model.lora.targets!r}) matches no parameter; use a preset '
+                    "(attention, attention_up_down, all_linear) or a regex over paths like "
+                    "'layers_0/attn/q/kernel'.")
   return layout

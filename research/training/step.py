@@ -18,18 +18,17 @@ them directly on one device.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from research import lora
+from research.training.stage import LossFn
 from research.training.state import TrainState
 
 BASE = 'base'  # frozen name of a LoRA run's base weights
-
-LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
 
 
 def full_params(params, frozen: dict):

@@ -28,6 +28,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from research.data import pipeline
+from research.errors import UserError
 from research.training import sharding
 from research.training import step as step_lib
 from research.training.optimizer import make_optimizer
@@ -70,7 +71,6 @@ class Trainer:
   def _setup_shardings(self):
     trainable, base = self.layout.trainable, self.layout.base
     self.param_shardings = jax.tree.map(lambda a: a.sharding, trainable)
-    self.abstract_params = trainable
     self.frozen_shardings = {name: jax.tree.map(lambda a: a.sharding, base if name == step_lib.BASE else trainable)
                              for name in self.held_frozen}
     self.abstract_frozen = {name: base if name == step_lib.BASE else trainable for name in self.held_frozen}
@@ -116,8 +116,8 @@ class Trainer:
   def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Global jax.Arrays from this process's rows of a global numpy batch."""
     if set(batch) != set(self.batch_shardings):
-      raise ValueError(f'batch keys {sorted(batch)} differ from the stage\'s batch_axes '
-                       f'{sorted(self.batch_shardings)}')
+      raise UserError(f'stage {self.stage.name!r}: its batch has keys {sorted(batch)} but its '
+                      f'batch_axes name {sorted(self.batch_shardings)}; make them the same.')
     local = pipeline.local_rows(batch, self.rows)
     return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], v, batch[k].shape)
             for k, v in local.items()}
