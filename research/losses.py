@@ -121,3 +121,134 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=0.0):
   diff = chosen_rewards - rejected_rewards
   return _mean(-jax.nn.log_sigmoid(diff - margin)), {'accuracy': pairwise_accuracy(diff, 0.0),
                                                      'margin': _mean(diff)}
+
+
+# ---- Online RL: advantages, policy and value losses --------------------------
+
+
+def group_advantages(rewards_N, group_size: int, *, method: str = 'grpo', scale: str = 'group',
+                     eps: float = 1e-4):
+  """Advantages [N] of rewards [N] whose rows come in consecutive groups of
+  `group_size` samples of one prompt.
+
+    grpo    (r - group mean) / (std + eps), std with ddof=1 over the group
+            (scale='group', Shao et al., 2024), over the whole batch
+            (scale='batch'), or no division (scale='none')
+    drgrpo  r - group mean: no division by a std (Liu et al., 2025)
+    rloo    r - mean of the group's other samples (Ahmadian et al., 2024)
+
+  `scale` applies to grpo (drgrpo and rloo are unscaled by definition). A group
+  whose rewards are all equal gets exactly 0.
+  """
+  if method not in ('grpo', 'drgrpo', 'rloo'):
+    raise ValueError(f'method={method!r}; choose grpo, drgrpo or rloo')
+  if scale not in ('group', 'batch', 'none'):
+    raise ValueError(f'scale={scale!r}; choose group, batch or none')
+  if method != 'grpo' and scale == 'batch':
+    raise ValueError(f'scale applies to grpo; {method} advantages are not divided by a std')
+  r = jnp.asarray(rewards_N, jnp.float32)
+  G = int(group_size)
+  if G < 2 or r.shape[0] % G:
+    raise ValueError(f'group_size={G} must be >= 2 and divide the {r.shape[0]} rewards')
+  r_GS = r.reshape(-1, G)
+  mean_G1 = jnp.mean(r_GS, axis=1, keepdims=True)
+  if method == 'rloo':
+    adv_GS = (r_GS - mean_G1) * (G / (G - 1))  # = r - (sum - r) / (G - 1)
+  else:
+    adv_GS = r_GS - mean_G1
+  if method == 'grpo' and scale == 'group':
+    adv_GS = adv_GS / (jnp.std(r_GS, axis=1, keepdims=True, ddof=1) + eps)
+  elif method == 'grpo' and scale == 'batch':
+    adv_GS = adv_GS / (jnp.std(r, ddof=1) + eps)
+  # Exactly 0 for a group without spread (the mean of equal floats may round away from them).
+  flat_G1 = jnp.max(r_GS, axis=1, keepdims=True) == jnp.min(r_GS, axis=1, keepdims=True)
+  return jnp.where(flat_G1, 0.0, adv_GS).reshape(-1)
+
+
+def policy_loss(logps_BT, old_logps_BT, advantages_B, mask_BT, *, ref_logps_BT=None, beta: float = 0.0,
+                kl: str = 'k3', clip_eps: float = 0.2, clip_eps_high: float | None = None,
+                importance: str = 'token', aggregation: str = 'token_mean', max_len: int | None = None):
+  """Clipped policy-gradient loss (PPO's surrogate, as GRPO and its relatives use it).
+
+  Ratio r = exp(logps - old_logps) per token ('token'), or for 'sequence'
+  (GSPO, Zheng et al., 2025) exp of the masked mean log-ratio of the sequence,
+  broadcast to its tokens (the gradient reaches each token through the mean).
+  Per token:  -min(r A, clip(r, 1 - clip_eps, 1 + clip_eps_high) A) + beta * KL
+  (clip_eps_high None = clip_eps; DAPO's clip-higher sets it larger), with
+  KL to the reference k1 = logps - ref or k3 = exp(ref - logps) - (ref - logps) - 1
+  (Schulman's estimators). Aggregation over masked tokens:
+    token_mean     sum / number of masked tokens
+    sequence_mean  mean over sequences of each sequence's token mean
+    fixed_length   sum / (B * max_len)   (Dr.GRPO)
+  Returns (loss, metrics): clip fractions (low: r < 1 - eps with A < 0; high:
+  r > 1 + eps_high with A > 0), mean KL and mean ratio, over masked tokens.
+  """
+  if importance not in ('token', 'sequence'):
+    raise ValueError(f'importance={importance!r}; choose token or sequence')
+  if kl not in ('k1', 'k3'):
+    raise ValueError(f'kl={kl!r}; choose k1 or k3')
+  high = clip_eps if clip_eps_high is None else clip_eps_high
+  mask = mask_BT.astype(jnp.float32)
+  n_B = jnp.sum(mask, axis=-1)
+  log_ratio_BT = logps_BT - old_logps_BT
+  if importance == 'sequence':
+    seq_B = jnp.sum(log_ratio_BT * mask, axis=-1) / jnp.maximum(n_B, 1.0)
+    log_ratio_BT = jnp.broadcast_to(seq_B[:, None], logps_BT.shape)
+  ratio_BT = jnp.exp(log_ratio_BT)
+  adv_B1 = advantages_B[:, None]
+  per_token = -jnp.minimum(ratio_BT * adv_B1, jnp.clip(ratio_BT, 1 - clip_eps, 1 + high) * adv_B1)
+  kl_BT = jnp.zeros_like(logps_BT)
+  if ref_logps_BT is not None:
+    d = ref_logps_BT - logps_BT
+    kl_BT = -d if kl == 'k1' else jnp.exp(d) - d - 1
+    per_token = per_token + beta * kl_BT
+  loss = _aggregate(per_token, mask, aggregation, max_len)
+  n = jnp.maximum(jnp.sum(mask), 1.0)
+  masked_mean = lambda x: jnp.sum(x * mask) / n
+  metrics = {'clip/low': masked_mean(((ratio_BT < 1 - clip_eps) & (adv_B1 < 0)).astype(jnp.float32)),
+             'clip/high': masked_mean(((ratio_BT > 1 + high) & (adv_B1 > 0)).astype(jnp.float32)),
+             'kl': masked_mean(kl_BT), 'ratio': masked_mean(ratio_BT)}
+  return loss, metrics
+
+
+def _aggregate(per_token_BT, mask_BT, aggregation: str, max_len: int | None):
+  """One number from per-token losses over the masked tokens (see policy_loss)."""
+  if aggregation == 'token_mean':
+    return jnp.sum(per_token_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)
+  if aggregation == 'sequence_mean':
+    per_seq = jnp.sum(per_token_BT * mask_BT, axis=-1) / jnp.maximum(jnp.sum(mask_BT, axis=-1), 1.0)
+    return jnp.mean(per_seq)
+  if aggregation == 'fixed_length':
+    if not max_len:
+      raise ValueError('aggregation=fixed_length needs max_len (the generation budget)')
+    return jnp.sum(per_token_BT * mask_BT) / (per_token_BT.shape[0] * max_len)
+  raise ValueError(f'aggregation={aggregation!r}; choose token_mean, sequence_mean or fixed_length')
+
+
+def gae(rewards_BT, values_BT, mask_BT, *, gamma: float = 1.0, lam: float = 0.95):
+  """Generalized advantage estimation (Schulman et al., 2016) over the masked
+  tokens of each row: delta_t = r_t + gamma V_{t+1} - V_t (V after the last
+  masked token is 0), A_t = delta_t + gamma lam A_{t+1}. Returns
+  (advantages_BT, returns_BT = advantages + values), 0 where the mask is 0."""
+  mask = mask_BT.astype(jnp.float32)
+  r, v = rewards_BT * mask, values_BT * mask
+  next_v = jnp.concatenate([v[:, 1:] * mask[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
+  delta_BT = (r + gamma * next_v - v) * mask
+
+  def back(carry_B, xs):
+    delta_B, m_B = xs
+    adv_B = delta_B + gamma * lam * carry_B
+    adv_B = adv_B * m_B
+    return adv_B, adv_B
+
+  _, adv_TB = jax.lax.scan(back, jnp.zeros_like(delta_BT[:, 0]), (delta_BT.T, mask.T), reverse=True)
+  adv_BT = adv_TB.T
+  return adv_BT, (adv_BT + v) * mask
+
+
+def value_loss(values_BT, old_values_BT, returns_BT, mask_BT, *, clip_eps: float = 0.2):
+  """PPO's clipped value loss: the masked token mean of
+  0.5 * max((V - R)^2, (old V + clip(V - old V, -eps, eps) - R)^2)."""
+  clipped = old_values_BT + jnp.clip(values_BT - old_values_BT, -clip_eps, clip_eps)
+  per_token = 0.5 * jnp.maximum(jnp.square(values_BT - returns_BT), jnp.square(clipped - returns_BT))
+  return _aggregate(per_token, mask_BT.astype(jnp.float32), 'token_mean', None)

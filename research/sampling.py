@@ -79,24 +79,33 @@ def sampled_logprobs(logits_BV: jax.Array, tokens_B: jax.Array, temperature: flo
   return jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'n', 'temperature', 'top_k',
                                              'top_p', 'pad_id'))
 def rollout(model, params, tokens_BP, segment_ids_BP, positions_BP, rng, stop_ids, *,
-            max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+            max_new_tokens: int, n: int = 1, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
             pad_id: int = 0) -> dict[str, jax.Array]:
-  """Continues left-padded prompts [B, P] (see `left_pad`) for up to max_new_tokens.
+  """Continues left-padded prompts [P0, P] (see `left_pad`) `n` times each, for
+  up to max_new_tokens. Prompts are prefilled once; their caches are copied n
+  times, so rows i*n .. i*n + n-1 of the outputs (B = P0 * n rows) continue prompt i.
 
   `stop_ids` is an int32 array of stop tokens (may be empty). Returns
-    tokens    int32 [B, N]  sampled tokens, pad_id after a row's first stop token
-    logps     f32   [B, N]  log-prob of each token (sampled_logprobs); 0 where mask is 0
-    mask      int32 [B, N]  1 up to and including the first stop token
-    truncated bool  [B]     the row never produced a stop token
+    tokens       int32 [B, N]      sampled tokens, pad_id after a row's first stop token
+    logps        f32   [B, N]      log-prob of each token (sampled_logprobs); 0 where mask is 0
+    mask         int32 [B, N]      1 up to and including the first stop token
+    truncated    bool  [B]         the row never produced a stop token
+    sequences    int32 [B, P + N]  prompt and completion, for a training forward pass:
+    segment_ids  int32 [B, P + N]  1 on prompt and completion tokens, 0 on padding
+    positions    int32 [B, P + N]  RoPE positions (0 on padding)
   The loop ends early once every row has stopped.
   """
-  B, P = tokens_BP.shape
-  cache = models.init_cache(model.cfg, B, P + max_new_tokens)
+  P0, P = tokens_BP.shape
+  B = P0 * n
+  cache = models.init_cache(model.cfg, P0, P + max_new_tokens)
   logits_BPV, cache = model.apply({'params': params}, tokens_BP, positions_BP, segment_ids_BP, cache=cache)
   next_pos_B = positions_BP[:, -1] + 1
+  if n > 1:  # n samples per prompt share one prefill
+    logits_BPV, next_pos_B = jnp.repeat(logits_BPV[:, -1:], n, axis=0), jnp.repeat(next_pos_B, n, axis=0)
+    cache = models.repeat_cache(cache, n)
   stops = jnp.concatenate([jnp.asarray(stop_ids, jnp.int32).reshape(-1), jnp.full((1,), -1, jnp.int32)])
 
   def body(carry):
@@ -121,7 +130,28 @@ def rollout(model, params, tokens_BP, segment_ids_BP, positions_BP, rng, stop_id
           jnp.full((B, max_new_tokens), pad_id, jnp.int32), jnp.zeros((B, max_new_tokens), jnp.float32),
           jnp.zeros((B, max_new_tokens), jnp.int32), rng)
   out = jax.lax.while_loop(cond, body, init)
-  return {'tokens': out[5], 'logps': out[6], 'mask': out[7], 'truncated': ~out[4]}
+  tokens_BN, mask_BN = out[5], out[7]
+  rows = lambda x: jnp.repeat(x, n, axis=0) if n > 1 else x
+  completion_pos_BN = (next_pos_B[:, None] + jnp.arange(max_new_tokens, dtype=jnp.int32)) * mask_BN
+  return {'tokens': tokens_BN, 'logps': out[6], 'mask': mask_BN, 'truncated': ~out[4],
+          'sequences': jnp.concatenate([rows(tokens_BP), tokens_BN], axis=1),
+          'segment_ids': jnp.concatenate([rows(segment_ids_BP), mask_BN], axis=1),
+          'positions': jnp.concatenate([rows(positions_BP), completion_pos_BN], axis=1)}
+
+
+def completion_logprobs(model, params, rollout_out: dict, prompt_len: int, temperature: float = 1.0,
+                        rng=None) -> jax.Array:
+  """log p [B, N] of each completion token under a training forward pass of the
+  whole sequence at `temperature` (0 or 1: the model's own distribution), 0
+  where the rollout's mask is 0: what a policy loss differentiates. Equals
+  rollout's `logps` when it sampled at that temperature without top-k / top-p."""
+  seq = rollout_out['sequences']
+  logits = models.forward(model, params, seq[:, :-1], rollout_out['positions'][:, :-1],
+                          rollout_out['segment_ids'][:, :-1], rng)[:, prompt_len - 1:]
+  logits = logits / temperature if temperature > 0 else logits
+  logp_BNV = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  logp_BN = jnp.take_along_axis(logp_BNV, seq[:, prompt_len:, None], axis=-1)[..., 0]
+  return logp_BN * rollout_out['mask']
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, bucket: int = _BUCKET):

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from research import sampling
 from research.models.llama import Config, Model
@@ -141,3 +142,29 @@ def test_rollout_on_a_mesh_matches_one_device():
   np.testing.assert_array_equal(np.asarray(got['tokens']), np.asarray(want['tokens']))
   np.testing.assert_array_equal(np.asarray(got['mask']), np.asarray(want['mask']))
   np.testing.assert_allclose(np.asarray(got['logps']), np.asarray(want['logps']), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('temperature', [1.0, 0.7])
+def test_n_samples_per_prompt_and_sampler_logprobs_equal_the_training_forward(temperature):
+  """n continuations of each prompt from one prefill; the sampler's log-probs equal
+  a training forward pass over the returned sequences (to 1e-5 in float32)."""
+  model = Model(CFG)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(4), jnp.zeros((1, 4), jnp.int32)))['params']
+  prompts = [[5, 9, 2], [7, 1, 3, 3, 8]]
+  tokens, segs, pos = sampling.left_pad(prompts)
+  out = sampling.rollout(model, params, tokens, segs, pos, jax.random.PRNGKey(1), np.asarray([7], np.int32),
+                         max_new_tokens=10, n=3, temperature=temperature)
+  assert out['tokens'].shape == (6, 10) and out['sequences'].shape == (6, tokens.shape[1] + 10)
+  seqs = np.asarray(out['sequences'])
+  for i in range(6):  # rows i*3 .. i*3+2 continue prompt i
+    np.testing.assert_array_equal(seqs[i, :tokens.shape[1]], tokens[i // 3])
+  assert len({tuple(r) for r in np.asarray(out['tokens'])[:3]}) > 1  # the samples differ
+  want = sampling.completion_logprobs(model, params, out, tokens.shape[1], temperature)
+  mask = np.asarray(out['mask'])
+  assert mask.sum() > 12 and (mask[:, 0] == 1).all()
+  np.testing.assert_allclose(np.asarray(out['logps']) * mask, np.asarray(want), rtol=1e-5, atol=1e-5)
+  # Positions continue each prompt and the completion's segment is the mask.
+  P = tokens.shape[1]
+  last = pos[np.arange(6) // 3, -1]
+  np.testing.assert_array_equal(np.asarray(out['positions'])[:, P:], (last[:, None] + 1 + np.arange(10)) * mask)
+  np.testing.assert_array_equal(np.asarray(out['segment_ids'])[:, P:], mask)

@@ -19,6 +19,9 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from research.errors import UserError
 from research.models import llama, qwen3
 from research.models.layers import LoraConfig, count_params
@@ -32,7 +35,7 @@ FAMILIES: dict[str, ModuleType] = {
 NEW_HEADS = ('score',)
 
 __all__ = ['FAMILIES', 'NEW_HEADS', 'LoraConfig', 'count_params', 'family', 'family_for_hf', 'model_config',
-           'build', 'init_cache', 'flops_per_token', 'forward']
+           'build', 'init_cache', 'repeat_cache', 'flops_per_token', 'forward']
 
 
 def family(name: str) -> ModuleType:
@@ -65,8 +68,16 @@ def build(model_section: Any, lora: LoraConfig | None = None):
 
 
 def init_cache(cfg, batch_size: int, max_len: int, dtype=None) -> dict:
-  """An empty KV cache for a model of config `cfg` (any family)."""
+  """An empty KV cache for a model of config `cfg` (any family). Every family's
+  cache is {'layers': leaves [L, B, ...], 'segment_ids': [B, S], 'index': []}."""
   return family(cfg.family).init_cache(cfg, batch_size, max_len, dtype)
+
+
+def repeat_cache(cache: dict, n: int) -> dict:
+  """The cache with each row repeated n times (rows b*n .. b*n + n-1 copy row b):
+  n samples continue one prefilled prompt."""
+  return {'layers': jax.tree.map(lambda x: jnp.repeat(x, n, axis=1), cache['layers']),
+          'segment_ids': jnp.repeat(cache['segment_ids'], n, axis=0), 'index': cache['index']}
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
