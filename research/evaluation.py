@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 
+import jax
 import numpy as np
 
 from research import sampling
@@ -62,22 +63,68 @@ def task_rows(data_cfg, examples: int = 0) -> list[dict]:
   return rows[:examples] if examples > 0 else rows
 
 
-class ExactMatch:
-  """Evaluator: exact match of greedy answers on the held-out generated tasks."""
+class _TaskEvaluator:
+  """An evaluator on the held-out generated tasks, loaded on first use."""
 
   def __init__(self, data_cfg, examples: int = 0, max_new_tokens: int = 24):
     self.data_cfg, self.examples, self.max_new_tokens = data_cfg, examples, max_new_tokens
     self._rows = None
 
-  def __call__(self, policy, tokenizer: Tokenizer, metrics: dict) -> dict[str, float]:
-    del metrics
+  @property
+  def rows(self) -> list[dict]:
     if self._rows is None:
       self._rows = task_rows(self.data_cfg, self.examples)
-    return exact_match(policy.model, policy.params, tokenizer, self._rows,
-                       max_new_tokens=self.max_new_tokens)
+    return self._rows
+
+
+class ExactMatch(_TaskEvaluator):
+  """Evaluator: exact match of greedy answers on the held-out generated tasks."""
+
+  def __call__(self, policy, tokenizer: Tokenizer, metrics: dict) -> dict[str, float]:
+    del metrics
+    return exact_match(policy.model, policy.params, tokenizer, self.rows, max_new_tokens=self.max_new_tokens)
 
 
 def task_evaluators(data_cfg, task_eval_cfg) -> tuple:
   """(ExactMatch,) on the held-out generated tasks when task_eval.exact_match, else ()."""
   t = task_eval_cfg
   return (ExactMatch(data_cfg, t.examples, t.max_new_tokens),) if t.exact_match else ()
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021):
+  1 - C(n - c, k) / C(n, k)."""
+  if n - c < k:
+    return 1.0
+  return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+class PassAtK(_TaskEvaluator):
+  """Evaluator: n sampled replies per held-out task at `temperature`; logs
+  pass@k (unbiased) and mean@n (the share of correct samples), overall and per family."""
+
+  def __init__(self, data_cfg, *, n: int, k: int, temperature: float, examples: int = 0,
+               max_new_tokens: int = 24, seed: int = 0):
+    super().__init__(data_cfg, examples, max_new_tokens)
+    self.n, self.k, self.temperature, self.seed = n, k, temperature, seed
+
+  def __call__(self, policy, tokenizer: Tokenizer, metrics: dict) -> dict[str, float]:
+    del metrics
+    stops = chat.stop_tokens(tokenizer)
+    prompts = [chat.prompt_ids(r['messages'], tokenizer) for r in self.rows]
+    tokens, segs, pos = sampling.left_pad(prompts, tokenizer.pad_id)
+    out = sampling.rollout(policy.model, policy.params, tokens, segs, pos, jax.random.PRNGKey(self.seed),
+                           np.asarray(stops, np.int32), max_new_tokens=self.max_new_tokens, n=self.n,
+                           temperature=self.temperature, pad_id=tokenizer.pad_id)
+    ids, mask = np.asarray(out['tokens']), np.asarray(out['mask'])
+    correct = np.asarray([tokenizer.decode([t for t, m in zip(i, mk) if m and t not in stops]).strip()
+                          == self.rows[j // self.n]['answer'].strip()
+                          for j, (i, mk) in enumerate(zip(ids, mask))]).reshape(-1, self.n)
+    c = correct.sum(axis=1)
+    result = {}
+    for family in [None] + sorted({r['family'] for r in self.rows}):
+      pick = [i for i, r in enumerate(self.rows) if family is None or r['family'] == family]
+      suffix = '' if family is None else f'/{family}'
+      result[f'pass@{self.k}{suffix}'] = float(np.mean([pass_at_k(self.n, int(c[i]), self.k) for i in pick]))
+      result[f'mean@{self.n}{suffix}'] = float(np.mean(c[pick] / self.n))
+    return result

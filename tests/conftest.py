@@ -41,6 +41,11 @@ def make_test_config(corpus_dir, data_dir, **overrides):
   c.data.data_dir = data_dir
   c.sample.prompts = ()
   c.eval_batches = 2
+  return set_fields(c, overrides)
+
+
+def set_fields(c, overrides):
+  """`c` with every `a__b=v` of overrides set as c.a.b = v."""
   for key, value in overrides.items():
     node = c
     parts = key.split('__')
@@ -86,3 +91,20 @@ def init_params(model, seed=0, length=4):
   import jax.numpy as jnp
   init = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, length), jnp.int32))['params'])
   return nn.meta.unbox(init(jax.random.PRNGKey(seed)))
+
+
+def make_grpo_config(test_config, **overrides):
+  """The 'test' model on the embedded tasks' prompts, GRPO with the length reward;
+  `a__b=v` sets a.b after the grpo section exists."""
+  from configs import grpo
+  c = test_config()
+  g = grpo.get_config('size=test')
+  with c.unlocked():
+    c.stage, c.grpo, c.task_eval = 'grpo', g.grpo, g.task_eval
+    c.data.name, c.data.text_key, c.data.files = 'sft_tasks', '', ''
+  c.grpo.update(rewards=('rl_rewards:even_tokens',), reward_weights=(1.0,), max_new_tokens=8,
+                num_generations=4, eval_samples=0)
+  c.task_eval.exact_match = False
+  c.update(seq_len=40, batch_size=16, steps=3, log_every=1, eval_every=100, checkpoint_every=100)
+  c.optimizer.lr, c.optimizer.warmup_steps = 1e-2, 1
+  return set_fields(c, overrides)

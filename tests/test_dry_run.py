@@ -38,10 +38,11 @@ def _n_params(m, stage):
   return m.vocab_size * m.d_model + m.n_layers * per_layer + m.d_model + head
 
 
-@pytest.mark.parametrize('stage,frozen', [('sft', 0), ('dpo', 1), ('reward', 0)])
+@pytest.mark.parametrize('stage,frozen', [('sft', 0), ('dpo', 1), ('reward', 0), ('grpo', 1)])
 def test_dry_run_compiles_each_post_training_stage(stage, frozen, tmp_path):
-  """Each stage's batch layout (pairs, loss masks, [batch] score indices) compiles
-  without data or allocation; DPO holds one frozen reference copy."""
+  """Each stage's batch layout (pairs, loss masks, [batch] score indices and
+  advantages, float old log-probs) compiles without data or allocation; DPO and
+  GRPO (KL to the reference) hold one frozen reference copy."""
   from conftest import train
   config = importlib.import_module(f'configs.{stage}').get_config('size=test')
   config.dry_run = True

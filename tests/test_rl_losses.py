@@ -153,3 +153,13 @@ def test_gae_and_value_loss_match_numpy():
   clipped = old + np.clip(v - old, -0.2, 0.2)
   per = 0.5 * np.maximum((v - want_ret) ** 2, (clipped - want_ret) ** 2)
   np.testing.assert_allclose(float(got), (per * mask).sum() / mask.sum(), rtol=1e-6)
+
+
+def test_pass_at_k_matches_the_combinatorial_formula():
+  import math
+  from research.evaluation import pass_at_k
+  for n in range(1, 9):
+    for c in range(n + 1):
+      for k in range(1, n + 1):
+        want = 1 - math.comb(n - c, k) / math.comb(n, k)
+        assert abs(pass_at_k(n, c, k) - want) < 1e-12, (n, c, k)

@@ -12,6 +12,8 @@ per row. A batch holds int32 [batch, seq_len] arrays:
 
 from __future__ import annotations
 
+import json
+
 import grain
 import numpy as np
 
@@ -114,3 +116,36 @@ def eval_batches(data_cfg, tokenizer, *, seq_len: int, batch_size: int, mask: st
   ds = sft_dataset(srcs, weights, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=0, mask=mask,
                    packing=packing, text_key=data_cfg.text_key, shuffle=False, num_epochs=1)
   return pipeline.take_batches(ds, max_batches)
+
+
+class _Prompt(grain.transforms.Map):
+  """Row -> {'ids': the chat prompt's token ids, 'messages': the prompt, 'row':
+  the row's fields}, or None if malformed or the prompt is longer than max_len."""
+
+  def __init__(self, tokenizer: Tokenizer, max_len: int, text_key: str):
+    self.tokenizer, self.max_len, self.text_key = tokenizer, max_len, text_key
+
+  def map(self, example):
+    messages = example_messages(example, self.text_key)
+    if messages is None:
+      return None
+    ids = chat.prompt_ids(messages, self.tokenizer)
+    if len(ids) > self.max_len:
+      return None
+    if 'json' in example:
+      row = json.loads(example['json'])
+    else:
+      row = {k: v.decode('utf-8', 'replace') if isinstance(v, bytes) else v for k, v in example.items()}
+    return {'ids': ids, 'messages': messages[:-1], 'row': row}
+
+
+def prompt_stream(data_cfg, tokenizer, *, max_len: int, seed: int, shuffle: bool = True,
+                  num_epochs: int | None = None) -> grain.IterDataset:
+  """Prompts (the conversation before its last reply) of config.data's train
+  split, one at a time, shuffled and repeating: for online RL, where the
+  replies are sampled. Prompts longer than max_len tokens are skipped."""
+  names, srcs, weights = pipeline.open_mixture(data_cfg, data_cfg.train_split)
+  for n, src in zip(names, srcs):
+    check_rows(src, n, data_cfg.text_key)
+  ds = pipeline.mixed_source(srcs, weights, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
+  return ds.map(_Prompt(tokenizer, max_len, data_cfg.text_key)).filter(lambda x: x is not None).to_iter_dataset()

@@ -82,8 +82,10 @@ class Tokenizer:
     return ids
 
   def decode(self, ids: Iterable[int]) -> str:
-    """Text of token ids (special control ids are dropped)."""
-    return self.sp.decode([int(i) for i in ids])
+    """Text of token ids (special control ids are dropped, and so are ids past
+    the vocabulary: a model may have more rows than its tokenizer has pieces)."""
+    n = self.vocab_size
+    return self.sp.decode([int(i) for i in ids if 0 <= int(i) < n])
 
 
 def _chunks(texts: Iterable[str], max_chars: int) -> Iterator[str]:

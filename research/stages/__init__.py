@@ -11,13 +11,14 @@ from __future__ import annotations
 from typing import Callable
 
 from research.errors import UserError
-from research.stages import dpo, pretrain, reward, sft
+from research.stages import dpo, grpo, pretrain, reward, sft
 
 STAGES: dict[str, Callable] = {
     'pretrain': pretrain.stage,
     'sft': sft.stage,
     'dpo': dpo.stage,
     'reward': reward.stage,
+    'grpo': grpo.stage,
 }
 
 

@@ -66,7 +66,7 @@ def _fmt_time(seconds: float) -> str:
 
 
 def _eval_summary(ev: dict) -> str:
-  parts = [f'eval loss {ev["eval/loss"]:.4f}']
+  parts = [f'eval loss {ev["eval/loss"]:.4f}'] if 'eval/loss' in ev else []
   if 'eval/perplexity' in ev:
     parts.append(f'ppl {ev["eval/perplexity"]:.1f}')
   parts += [f'{k[5:]} {v:.3f}' for k, v in ev.items()
@@ -86,16 +86,18 @@ def write_config(config, workdir: str) -> None:
 
 def evaluate(run: Run) -> dict[str, float]:
   """Weighted means of the loss and its metrics over the fixed eval batches
-  (eval/loss, eval/<metric>), then the stage's evaluators (eval/<name>)."""
-  trainer, totals = run.trainer, None
+  (eval/loss, eval/<metric>; none for a stage without eval batches, such as
+  online RL), then the stage's evaluators (eval/<name>)."""
+  trainer, totals, result = run.trainer, None, {}
   with trainer.mesh_context():
     for b in run.eval_data:
       out = trainer.eval_step(run.state.params, run.frozen, trainer.to_global(b))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = jax.device_get(totals)
-    w = max(float(totals.pop('weight')), 1.0)
-    result = {'eval/loss': float(totals.pop('loss_sum')) / w}
-    result.update({f'eval/{k}': float(v) / w for k, v in totals.items()})
+    if totals is not None:
+      totals = jax.device_get(totals)
+      w = max(float(totals.pop('weight')), 1.0)
+      result = {'eval/loss': float(totals.pop('loss_sum')) / w}
+      result.update({f'eval/{k}': float(v) / w for k, v in totals.items()})
     policy = run.policy()
     for evaluator in run.stage.evaluators:
       result.update({f'eval/{k}': float(v) for k, v in evaluator(policy, run.tokenizer, result).items()})

@@ -1,0 +1,181 @@
+"""The batch source of online RL: sample from the current policy, score, and
+turn the samples into a training batch.
+
+    source = RolloutSource(prompt_stream, tokenizer, settings, rewards, weights)
+    batch = source.next(policy)      # the loop passes the policy it is training
+
+Each call takes `prompts_per_step` prompts, samples `group_size` replies to each
+with `sampling.rollout` (one prefill per prompt, the replies' log-probabilities
+under the distribution sampled from), scores them with the reward functions
+(research/rewards.py), and computes group advantages (losses.group_advantages).
+The batch it returns holds, per row (one reply), the whole sequence and
+
+    loss_mask   [batch, length]  1 on the reply's target tokens (0 for a zero-weight row)
+    old_logps   [batch, length]  the sampler's log-probabilities of those tokens
+    advantages  [batch]
+
+With `iterations` > 1 the same rollout serves that many optimizer steps (its
+log-probabilities are then the "old policy" of the clipped ratio).
+DAPO's dynamic sampling draws `oversample` times the prompts and keeps groups
+whose rewards differ; a shortfall is filled with zero-weight groups, so shapes
+never change.
+
+Resume is exact: the sampling key is derived from the seed and the number of
+rollouts so far, which the source's state (checkpointed) holds with the prompt
+stream's; checkpoints fall on rollout boundaries (a config check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from research import losses, rewards, sampling
+from research.data import chat
+from research.data.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+  """How replies are sampled and turned into advantages (config.grpo)."""
+
+  prompts_per_step: int
+  group_size: int
+  prompt_len: int            # prompts are left-padded (never longer) to this many tokens
+  max_new_tokens: int
+  temperature: float = 1.0
+  seed: int = 0
+  iterations: int = 1        # optimizer steps per rollout
+  advantage: str = 'grpo'    # grpo | drgrpo | rloo
+  scale: str = 'group'       # group | batch | none (grpo)
+  mask_truncated: bool = False  # zero weight for replies that hit max_new_tokens
+  oversample: int = 1        # > 1: DAPO dynamic sampling over this many times the prompts
+
+
+def _left_pad_to(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
+  tokens, segs, pos = sampling.left_pad(prompts, pad_id, bucket=length)
+  assert tokens.shape[1] == length, (tokens.shape, length)
+  return tokens, segs, pos
+
+
+def _host(x) -> np.ndarray:
+  """A (possibly multi-process) global array on every host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
+
+
+class RolloutSource:
+  """A batch source (see research/training/stage.py) that samples from the policy."""
+
+  def __init__(self, prompts, tokenizer: Tokenizer, settings: RolloutSettings, reward_fns: dict,
+               reward_weights: dict[str, float]):
+    self.prompts = iter(prompts)
+    self.tokenizer, self.s = tokenizer, settings
+    self.reward_fns, self.reward_weights = reward_fns, reward_weights
+    self.stop_ids = np.asarray(chat.stop_tokens(tokenizer), np.int32)
+    self.rollouts = 0        # rollouts so far (the sampling key's counter)
+    self._cached, self._served = None, 0
+    self.metrics: dict[str, float] = {}  # of the latest rollout, for logging
+
+  # -- state ----------------------------------------------------------------------
+
+  def get_state(self) -> dict:
+    """The prompt stream's position and the rollout counter (JSON-serialisable)."""
+    if self._cached is not None and self._served < self.s.iterations:
+      raise RuntimeError('a checkpoint inside a multi-step rollout cannot resume exactly')
+    return {'prompts': self.prompts.get_state(), 'rollouts': self.rollouts}
+
+  def set_state(self, state: dict) -> None:
+    self.prompts.set_state(state['prompts'])
+    self.rollouts = int(state['rollouts'])
+    self._cached, self._served = None, 0
+
+  # -- batches ----------------------------------------------------------------------
+
+  def next(self, policy) -> dict[str, np.ndarray]:
+    """The next training batch: a new rollout from `policy`, or the cached one
+    while it serves `iterations` steps."""
+    if self._cached is None or self._served >= self.s.iterations:
+      self._cached, self._served = self._rollout(policy), 0
+    self._served += 1
+    return self._cached
+
+  def _sample(self, policy, prompts: list[dict]):
+    s = self.s
+    tokens, segs, pos = _left_pad_to([p['ids'] for p in prompts], s.prompt_len, self.tokenizer.pad_id)
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s.seed), 2), self.rollouts)
+    out = sampling.rollout(policy.model, policy.params, tokens, segs, pos, rng, self.stop_ids,
+                           max_new_tokens=s.max_new_tokens, n=s.group_size, temperature=s.temperature,
+                           pad_id=self.tokenizer.pad_id)
+    return {k: _host(v) for k, v in out.items()}
+
+  def _score(self, prompts: list[dict], out: dict) -> tuple[np.ndarray, dict]:
+    G, stops = self.s.group_size, set(self.stop_ids.tolist())
+    samples = []
+    for i, (ids, mask, trunc) in enumerate(zip(out['tokens'], out['mask'], out['truncated'])):
+      reply = [int(t) for t, m in zip(ids, mask) if m]
+      prompt = prompts[i // G]
+      samples.append(rewards.Sample(prompt['messages'], self.tokenizer.decode([t for t in reply if t not in stops]),
+                                    tuple(reply), prompt['row'], bool(trunc)))
+    values = {name: list(fn(samples)) for name, fn in self.reward_fns.items()}
+    return rewards.combine(values, self.reward_weights), values
+
+  def _rollout(self, policy) -> dict[str, np.ndarray]:
+    s, t0 = self.s, time.time()
+    prompts = [next(self.prompts) for _ in range(s.prompts_per_step * s.oversample)]
+    out = self._sample(policy, prompts)
+    t_sample = time.time() - t0
+    reward_N, values = self._score(prompts, out)
+    t_reward = time.time() - t0 - t_sample
+    self.rollouts += 1
+    G = s.group_size
+    groups = np.arange(len(prompts))
+    spread = np.ptp(reward_N.reshape(-1, G), axis=1) > 0
+    if s.oversample > 1:  # keep groups that teach something; fill up with zero-weight ones
+      keep = np.concatenate([groups[spread], groups[~spread]])[:s.prompts_per_step]
+      row_weight = np.repeat(np.isin(keep, groups[spread]), G).astype(np.float32)
+    else:
+      keep, row_weight = groups, np.ones(len(prompts) * G, np.float32)
+    rows = (keep[:, None] * G + np.arange(G)).reshape(-1)
+    adv_N = np.asarray(losses.group_advantages(reward_N[rows], G, method=s.advantage, scale=s.scale))
+    if s.mask_truncated:
+      row_weight = row_weight * (~out['truncated'][rows])
+    self.metrics = self._metrics(prompts, out, reward_N, values, spread, row_weight, t_sample, t_reward)
+    return self._batch(out, rows, adv_N, row_weight)
+
+  def _batch(self, out: dict, rows: np.ndarray, adv_N: np.ndarray, row_weight: np.ndarray) -> dict:
+    """Rows of the rollout as a training batch (targets are the next tokens)."""
+    P = self.s.prompt_len
+    seq, seg, pos = out['sequences'][rows], out['segment_ids'][rows], out['positions'][rows]
+    B, L = seq.shape
+    loss_mask = np.zeros((B, L - 1), np.int32)
+    loss_mask[:, P - 1:] = out['mask'][rows] * (row_weight[:, None] > 0)
+    old_logps = np.zeros((B, L - 1), np.float32)
+    old_logps[:, P - 1:] = out['logps'][rows]
+    return {'inputs': seq[:, :-1], 'targets': seq[:, 1:], 'segment_ids': seg[:, :-1],
+            'positions': pos[:, :-1], 'loss_mask': loss_mask, 'old_logps': old_logps * loss_mask,
+            'advantages': adv_N.astype(np.float32) * row_weight}
+
+  def _metrics(self, prompts, out, reward_N, values, spread, row_weight, t_sample, t_reward) -> dict:
+    """Host-side metrics of one rollout (rewards overall, per function and per task family)."""
+    G = self.s.group_size
+    lengths = out['mask'].sum(axis=1)
+    m = {'reward/mean': float(reward_N.mean()), 'reward/std': float(reward_N.std()),
+         'groups/zero_spread': float(1 - spread.mean()), 'groups/kept': float(row_weight.mean()),
+         'completion/length': float(lengths.mean()), 'completion/truncated': float(out['truncated'].mean()),
+         'time/rollout_s': t_sample, 'time/reward_s': t_reward,
+         'tokens_per_sec': float(lengths.sum()) / max(t_sample, 1e-9)}
+    for name, vals in values.items():
+      judged = [v for v in vals if v is not None]
+      if judged:
+        m[f'reward/{name}'] = float(np.mean(judged))
+    families = [p['row'].get('family') for p in prompts for _ in range(G)]
+    for family in sorted({f for f in families if isinstance(f, str)}):
+      m[f'reward/family/{family}'] = float(np.mean([r for r, f in zip(reward_N, families) if f == family]))
+    return m
