@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research import models
+from research import losses, models
 
 _BUCKET = 16
 
@@ -149,9 +149,7 @@ def completion_logprobs(model, params, rollout_out: dict, prompt_len: int, tempe
   logits = models.forward(model, params, seq[:, :-1], rollout_out['positions'][:, :-1],
                           rollout_out['segment_ids'][:, :-1], rng)[:, prompt_len - 1:]
   logits = logits / temperature if temperature > 0 else logits
-  logp_BNV = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  logp_BN = jnp.take_along_axis(logp_BNV, seq[:, prompt_len:, None], axis=-1)[..., 0]
-  return logp_BN * rollout_out['mask']
+  return losses.token_log_probs(logits, seq[:, prompt_len:]) * rollout_out['mask']
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, bucket: int = _BUCKET):

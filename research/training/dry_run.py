@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from research import models
 from research.errors import UserError
 from research.models import count_params
-from research.training import sharding
 from research.training.metrics import log
 
 
@@ -50,7 +49,7 @@ def dry_run(trainer) -> dict[str, Any]:
   c = trainer.config
   t0 = time.time()
   with trainer.mesh_context():
-    frozen = sharding.with_shardings(trainer.abstract_frozen, trainer.frozen_shardings)
+    frozen = trainer.abstract_frozen  # ShapeDtypeStructs that carry their shardings
     compiled = trainer.train_step.lower(trainer.abstract_state, abstract_batch(trainer), frozen).compile()
   compile_s = time.time() - t0
 

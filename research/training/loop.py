@@ -159,7 +159,8 @@ def samples_hook(run: Run, step: int) -> None:
 
 def hooks(config, stage: Stage) -> list[Hook]:
   """The loop's hooks, in the order they run after a step."""
-  out = [Hook(config.checkpoint_every, checkpoint_hook), Hook(config.eval_every, eval_hook)]
+  out = [Hook(config.log_every, log_hook), Hook(config.checkpoint_every, checkpoint_hook),
+         Hook(config.eval_every, eval_hook)]
   if config.sample.prompts and stage.prompt_format is not None:
     out.append(Hook(config.eval_every, samples_hook))
   return out + list(stage.hooks)
@@ -205,7 +206,6 @@ def train(config, workdir: str, stage: Stage, devices=None) -> dict[str, Any]:
     writer.write(0, run.last)
     log(f'step 0 | {_eval_summary(run.last)}')
 
-  log_every = Hook(config.log_every, log_hook)
   after_step = hooks(config, stage)
   t_start = time.time()
   run.interval_start = time.time()
@@ -214,13 +214,12 @@ def train(config, workdir: str, stage: Stage, devices=None) -> dict[str, Any]:
       batch = trainer.to_global(source.next(run.policy()))
       run.state, run.metrics = trainer.train_step(run.state, batch, run.frozen)
       run.interval_steps += 1
-      if log_every.due(step, config.steps):
-        log_hook(run, step)
       for hook in after_step:
         if hook.due(step, config.steps):
           hook_start = time.time()
           hook.fn(run, step)
-          run.interval_start += time.time() - hook_start  # not training throughput
+          if hook.fn is not log_hook:  # which restarts the interval itself
+            run.interval_start += time.time() - hook_start  # hooks' time is not training throughput
   ckpt.close()
   writer.close()
   log(f'done: {config.steps - start} steps in {_fmt_time(time.time() - t_start)}')

@@ -70,10 +70,9 @@ class Trainer:
 
   def _setup_shardings(self):
     trainable, base = self.layout.trainable, self.layout.base
-    self.param_shardings = jax.tree.map(lambda a: a.sharding, trainable)
-    self.frozen_shardings = {name: jax.tree.map(lambda a: a.sharding, base if name == step_lib.BASE else trainable)
-                             for name in self.held_frozen}
     self.abstract_frozen = {name: base if name == step_lib.BASE else trainable for name in self.held_frozen}
+    shardings_of = lambda tree: jax.tree.map(lambda a: a.sharding, tree)
+    self.param_shardings, self.frozen_shardings = shardings_of(trainable), shardings_of(self.abstract_frozen)
     abstract_opt = jax.eval_shape(self.tx.init, trainable)
     repl = sharding.replicated(self.mesh)
     opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
