@@ -145,8 +145,8 @@ def _initial_params(trainer):
   base with LoRA, else the full tree."""
   if trainer.config.init_from:
     return load_init_from(trainer.config, trainer.layout)
-  state, base = init_state(trainer)
-  return base if trainer.uses_lora else state.params
+  trainable, base = trainer.layout.split(seed_params(trainer.layout, trainer.config.seed, trainer.config.seq_len))
+  return base if trainer.uses_lora else trainable  # the seed's values, without an optimizer state
 
 
 def setup_state(trainer, ckpt) -> tuple[TrainState, dict, dict | None]:
