@@ -21,7 +21,7 @@ $(TEST): $(CORE)
 
 install: $(TEST)
 
-# The stage pipeline on the embedded data: pretrain -> SFT; re-running resumes.
+# The stage pipeline on the embedded data: pretrain -> SFT -> DPO, reward model -> GRPO, PPO; re-running resumes.
 run: $(CORE)
 	$(PY) -m experiments.pipeline --runs=$(RUNS)
 

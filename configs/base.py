@@ -124,6 +124,7 @@ def base_config(stage: str, size: str, family: str = 'llama') -> ml_collections.
   c.checkpoint_every = 200
   c.keep_checkpoints = 2
   c.init_from = ''  # another run's workdir: warm-start its parameters
+  c.init_step = 0   # ... from this checkpoint of it (0: the latest)
   c.dry_run = False
 
   c.model = model_config(size, family)

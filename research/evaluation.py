@@ -7,6 +7,8 @@ eval/<name>); `metrics` holds what evaluation has computed so far (eval/loss,
 
 * `perplexity`: exp(eval/loss), for stages whose loss is a token cross-entropy.
 * `ExactMatch`: greedy answers to the held-out generated tasks (sft_tasks).
+* `PassAtK`: pass@k and mean@n of sampled answers to them.
+* `RewardModelScore`: a reward model's mean score of the greedy answers.
 
 Preference accuracy is a metric of the DPO and reward losses themselves
 (eval/rewards/accuracies, eval/accuracy); experiments/preference_breakdown.py
@@ -32,21 +34,27 @@ def perplexity(policy, tokenizer, metrics: dict) -> dict[str, float]:
   return {'perplexity': math.exp(min(metrics['eval/loss'], 50.0))}
 
 
-def exact_match(model, params, tokenizer: Tokenizer, rows: list[dict], *, max_new_tokens: int = 24,
-                batch_size: int = 128) -> dict[str, float]:
-  """Fraction of rows whose greedy reply equals row['answer'] (stripped), overall
-  ('exact_match') and per family ('exact_match/<family>')."""
+def greedy_replies(model, params, tokenizer: Tokenizer, rows: list[dict], *, max_new_tokens: int = 24,
+                   batch_size: int = 128) -> list[str]:
+  """The greedy reply (text, stop token removed) to each row's `messages`."""
   prompts = [chat.prompt_ids(r['messages'], tokenizer) for r in rows]
   stops = chat.stop_tokens(tokenizer)
-  correct = []
+  replies = []
   for i in range(0, len(prompts), batch_size):
     chunk = prompts[i:i + batch_size]
     padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
     outs = sampling.generate(model, params, padded, max_new_tokens=max_new_tokens,
                              stop_tokens=stops, pad_id=tokenizer.pad_id)[:len(chunk)]
-    for out, row in zip(outs, rows[i:i + batch_size]):
-      text = tokenizer.decode([t for t in out if t not in stops])
-      correct.append(text.strip() == row['answer'].strip())
+    replies += [tokenizer.decode([t for t in out if t not in stops]) for out in outs]
+  return replies
+
+
+def exact_match(model, params, tokenizer: Tokenizer, rows: list[dict], *, max_new_tokens: int = 24,
+                batch_size: int = 128) -> dict[str, float]:
+  """Fraction of rows whose greedy reply equals row['answer'] (stripped), overall
+  ('exact_match') and per family ('exact_match/<family>')."""
+  replies = greedy_replies(model, params, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+  correct = [text.strip() == row['answer'].strip() for text, row in zip(replies, rows)]
   result = {'exact_match': float(np.mean(correct))}
   for family in sorted({r['family'] for r in rows}):
     hits = [c for c, r in zip(correct, rows) if r['family'] == family]
@@ -83,6 +91,27 @@ class ExactMatch(_TaskEvaluator):
   def __call__(self, policy, tokenizer: Tokenizer, metrics: dict) -> dict[str, float]:
     del metrics
     return exact_match(policy.model, policy.params, tokenizer, self.rows, max_new_tokens=self.max_new_tokens)
+
+
+class RewardModelScore(_TaskEvaluator):
+  """Evaluator: the mean score a trained reward model gives the greedy replies to
+  the held-out tasks (logged as reward_model/score; online RL against that model
+  should raise it, and exact match tells whether the raise is real)."""
+
+  def __init__(self, data_cfg, workdir: str, examples: int = 0, max_new_tokens: int = 24):
+    super().__init__(data_cfg, examples, max_new_tokens)
+    self.workdir = workdir
+
+  def __call__(self, policy, tokenizer: Tokenizer, metrics: dict) -> dict[str, float]:
+    del metrics
+    from research.rewards import shared_reward_model  # pylint: disable=import-outside-toplevel
+    # The stage's reward function loaded this model before the loop entered its
+    # mesh (loading builds a mesh of its own); this is the same object.
+    rm = shared_reward_model(self.workdir)
+    replies = greedy_replies(policy.model, policy.params, tokenizer, self.rows, max_new_tokens=self.max_new_tokens)
+    convos = [chat.history(r['messages']) + [{'role': 'assistant', 'content': text}]
+              for r, text in zip(self.rows, replies)]
+    return {'reward_model/score': float(np.mean(rm.score(convos)))}
 
 
 def task_evaluators(data_cfg, task_eval_cfg) -> tuple:

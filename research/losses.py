@@ -20,6 +20,13 @@ def token_log_probs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
   return target_logit_BT - log_z_BT
 
 
+def token_entropy(logits_BTV: jax.Array) -> jax.Array:
+  """Entropy in nats of each position's distribution softmax(logits): [B, T], float32."""
+  logits = logits_BTV.astype(jnp.float32)
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+
+
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
                   mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Masked next-token cross-entropy.
@@ -170,7 +177,8 @@ def policy_loss(logps_BT, old_logps_BT, advantages_B, mask_BT, *, ref_logps_BT=N
                 importance: str = 'token', aggregation: str = 'token_mean', max_len: int | None = None):
   """Clipped policy-gradient loss (PPO's surrogate, as GRPO and its relatives use it).
 
-  Ratio r = exp(logps - old_logps) per token ('token'), or for 'sequence'
+  `advantages_B` is one advantage per sequence [B] (GRPO and relatives) or per
+  token [B, T] (PPO with GAE). Ratio r = exp(logps - old_logps) per token ('token'), or for 'sequence'
   (GSPO, Zheng et al., 2025) exp of the masked mean log-ratio of the sequence,
   broadcast to its tokens (the gradient reaches each token through the mean).
   Per token:  -min(r A, clip(r, 1 - clip_eps, 1 + clip_eps_high) A) + beta * KL
@@ -195,7 +203,7 @@ def policy_loss(logps_BT, old_logps_BT, advantages_B, mask_BT, *, ref_logps_BT=N
     seq_B = jnp.sum(log_ratio_BT * mask, axis=-1) / jnp.maximum(n_B, 1.0)
     log_ratio_BT = jnp.broadcast_to(seq_B[:, None], logps_BT.shape)
   ratio_BT = jnp.exp(log_ratio_BT)
-  adv_B1 = advantages_B[:, None]
+  adv_B1 = advantages_B if advantages_B.ndim == 2 else advantages_B[:, None]  # [B, T]: per token (PPO)
   per_token = -jnp.minimum(ratio_BT * adv_B1, jnp.clip(ratio_BT, 1 - clip_eps, 1 + high) * adv_B1)
   kl_BT = jnp.zeros_like(logps_BT)
   if ref_logps_BT is not None:

@@ -153,13 +153,25 @@ def overlong_penalty(max_tokens: int, buffer: int):
   return reward
 
 
+@functools.lru_cache(maxsize=None)
+def shared_reward_model(workdir: str) -> RewardModel:
+  """load_reward_model, once per workdir and process: a reward function and an
+  evaluator of one run share the model."""
+  return load_reward_model(workdir)
+
+
 def learned_reward(workdir: str):
-  """The score of a trained reward run for prompt + reply."""
-  rm = load_reward_model(workdir)
+  """The score of a trained reward run for prompt + reply; abstains on an empty
+  reply (the model reads its score at a reply token, and there is none)."""
+  rm = shared_reward_model(workdir)
 
   def reward(samples: Sequence[Sample]) -> list[float | None]:
-    convos = [list(s.prompt) + [{'role': 'assistant', 'content': s.completion}] for s in samples]
-    return [float(r) for r in rm.score(convos)]
+    scored = [i for i, s in enumerate(samples) if s.completion.strip()]
+    convos = [list(samples[i].prompt) + [{'role': 'assistant', 'content': samples[i].completion}] for i in scored]
+    out: list[float | None] = [None] * len(samples)
+    for i, r in zip(scored, rm.score(convos) if convos else []):
+      out[i] = float(r)
+    return out
   return reward
 
 

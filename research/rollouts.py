@@ -28,13 +28,14 @@ stream's; checkpoints fall on rollout boundaries (a config check).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Sequence
 
 import jax
 import numpy as np
 
-from research import losses, rewards, sampling
+from research import losses, models, rewards, sampling
 from research.data import chat
 from research.data.tokenizer import Tokenizer
 
@@ -81,6 +82,7 @@ class RolloutSource:
     self.stop_ids = np.asarray(chat.stop_tokens(tokenizer), np.int32)
     self.rollouts = 0        # rollouts so far (the sampling key's counter)
     self._cached, self._served = None, 0
+    self._last_end = 0.0     # when the last rollout ended (for time/update_s)
     self.metrics: dict[str, float] = {}  # of the latest rollout, for logging
 
   # -- state ----------------------------------------------------------------------
@@ -127,7 +129,9 @@ class RolloutSource:
     return rewards.combine(values, self.reward_weights), values
 
   def _rollout(self, policy) -> dict[str, np.ndarray]:
-    s, t0 = self.s, time.time()
+    s = self.s
+    t_update = self._wait_for_update(policy)
+    t0 = time.time()
     prompts = [next(self.prompts) for _ in range(s.prompts_per_step * s.oversample)]
     out = self._sample(policy, prompts)
     t_sample = time.time() - t0
@@ -143,13 +147,33 @@ class RolloutSource:
     else:
       keep, row_weight = groups, np.ones(len(prompts) * G, np.float32)
     rows = (keep[:, None] * G + np.arange(G)).reshape(-1)
-    adv_N = np.asarray(losses.group_advantages(reward_N[rows], G, method=s.advantage, scale=s.scale))
     if s.mask_truncated:
       row_weight = row_weight * (~out['truncated'][rows])
-    self.metrics = self._metrics(prompts, out, reward_N, values, spread, row_weight, t_sample, t_reward)
-    return self._batch(out, rows, adv_N, row_weight)
+    batch = self._batch(out, rows, row_weight)
+    t1 = time.time()
+    batch.update(self._advantages(policy, batch, reward_N[rows], row_weight))
+    t_reference = time.time() - t1
+    self.metrics = self._metrics(prompts, out, reward_N, values, spread, row_weight)
+    self.metrics.update({'time/update_s': t_update, 'time/rollout_s': t_sample, 'time/reward_s': t_reward,
+                         'time/reference_s': t_reference,
+                         'tokens_per_sec': float(out['mask'].sum()) / max(t_sample, 1e-9)})
+    self._last_end = time.time()
+    return batch
 
-  def _batch(self, out: dict, rows: np.ndarray, adv_N: np.ndarray, row_weight: np.ndarray) -> dict:
+  def _wait_for_update(self, policy) -> float:
+    """Seconds from the end of the last rollout until `policy`'s parameters are
+    computed: the optimizer steps on it (and any hooks) in between; 0 at first."""
+    jax.block_until_ready(policy.params)
+    return time.time() - self._last_end if self._last_end else 0.0
+
+  def _advantages(self, policy, batch: dict, reward_N: np.ndarray, row_weight: np.ndarray) -> dict:
+    """The batch fields a rollout's rewards give the loss: GRPO-family group advantages [B]."""
+    del policy, batch
+    adv_N = np.asarray(losses.group_advantages(reward_N, self.s.group_size, method=self.s.advantage,
+                                               scale=self.s.scale))
+    return {'advantages': adv_N.astype(np.float32) * row_weight}
+
+  def _batch(self, out: dict, rows: np.ndarray, row_weight: np.ndarray) -> dict:
     """Rows of the rollout as a training batch (targets are the next tokens)."""
     P = self.s.prompt_len
     seq, seg, pos = out['sequences'][rows], out['segment_ids'][rows], out['positions'][rows]
@@ -159,18 +183,17 @@ class RolloutSource:
     old_logps = np.zeros((B, L - 1), np.float32)
     old_logps[:, P - 1:] = out['logps'][rows]
     return {'inputs': seq[:, :-1], 'targets': seq[:, 1:], 'segment_ids': seg[:, :-1],
-            'positions': pos[:, :-1], 'loss_mask': loss_mask, 'old_logps': old_logps * loss_mask,
-            'advantages': adv_N.astype(np.float32) * row_weight}
+            'positions': pos[:, :-1], 'loss_mask': loss_mask, 'old_logps': old_logps * loss_mask}
 
-  def _metrics(self, prompts, out, reward_N, values, spread, row_weight, t_sample, t_reward) -> dict:
+  def _metrics(self, prompts, out, reward_N, values, spread, row_weight) -> dict:
     """Host-side metrics of one rollout (rewards overall, per function and per task family)."""
     G = self.s.group_size
     lengths = out['mask'].sum(axis=1)
     m = {'reward/mean': float(reward_N.mean()), 'reward/std': float(reward_N.std()),
-         'groups/zero_spread': float(1 - spread.mean()), 'groups/kept': float(row_weight.mean()),
-         'completion/length': float(lengths.mean()), 'completion/truncated': float(out['truncated'].mean()),
-         'time/rollout_s': t_sample, 'time/reward_s': t_reward,
-         'tokens_per_sec': float(lengths.sum()) / max(t_sample, 1e-9)}
+         'groups/kept': float(row_weight.mean()),
+         'completion/length': float(lengths.mean()), 'completion/truncated': float(out['truncated'].mean())}
+    if G > 1:
+      m['groups/zero_spread'] = float(1 - spread.mean())
     for name, vals in values.items():
       judged = [v for v in vals if v is not None]
       if judged:
@@ -179,3 +202,79 @@ class RolloutSource:
     for family in sorted({f for f in families if isinstance(f, str)}):
       m[f'reward/family/{family}'] = float(np.mean([r for r, f in zip(reward_N, families) if f == family]))
     return m
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticSettings:
+  """PPO's per-token rewards and advantages (config.ppo)."""
+
+  kl_coef: float = 0.05      # the KL penalty to the reference in the reward, per token
+  gamma: float = 1.0
+  lam: float = 0.95
+  whiten: bool = True        # advantages to mean 0, std 1 over the batch's reply tokens
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'temperature'))
+def values_and_reference_logps(model, params, reference, batch: dict, temperature: float):
+  """(the critic's values [B, T] at `params`, log p [B, T] of the targets under
+  `reference` at `temperature`, or None without a reference)."""
+  _, values_BT = models.forward_with_values(model, params, batch['inputs'], batch['positions'],
+                                            batch['segment_ids'])
+  if reference is None:
+    return values_BT, None
+  ref_logits = models.forward(model, reference, batch['inputs'], batch['positions'], batch['segment_ids'])
+  return values_BT, losses.token_log_probs(ref_logits / temperature, batch['targets'])
+
+
+def token_rewards(score_B: np.ndarray, logps_BT: np.ndarray, ref_logps_BT: np.ndarray | None,
+                  mask_BT: np.ndarray, kl_coef: float) -> tuple[np.ndarray, np.ndarray]:
+  """RLHF's per-token reward (Ziegler et al., 2019; Ouyang et al., 2022):
+  -kl_coef * (log pi - log ref) on every reply token, plus the sequence's score
+  on its last one. Returns (rewards_BT, kl_BT), 0 outside the mask."""
+  mask = mask_BT.astype(np.float32)
+  kl_BT = np.zeros_like(mask) if ref_logps_BT is None else (logps_BT - ref_logps_BT) * mask
+  rewards_BT = -kl_coef * kl_BT
+  has_reply = mask.sum(axis=1) > 0
+  last_B = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+  rows = np.flatnonzero(has_reply)
+  rewards_BT[rows, last_B[rows]] += score_B[rows]
+  return rewards_BT, kl_BT
+
+
+class PPOSource(RolloutSource):
+  """RolloutSource for PPO: per-token advantages by GAE over the critic's values
+  (the policy's value head, read at the rollout's parameters) and rewards that
+  are the sequence's score minus a per-token KL penalty to the reference."""
+
+  def __init__(self, prompts, tokenizer: Tokenizer, settings: RolloutSettings, reward_fns: dict,
+               reward_weights: dict[str, float], critic: CriticSettings):
+    super().__init__(prompts, tokenizer, settings, reward_fns, reward_weights)
+    self.critic = critic
+
+  def _advantages(self, policy, batch: dict, reward_N: np.ndarray, row_weight: np.ndarray) -> dict:
+    c = self.critic
+    reference = (policy.frozen or {}).get('reference') if c.kl_coef > 0 else None
+    values_BT, ref_BT = values_and_reference_logps(
+        policy.model, policy.params, reference,
+        {k: batch[k] for k in ('inputs', 'targets', 'positions', 'segment_ids')}, self.s.temperature)
+    values_BT = _host(values_BT)
+    ref_BT = None if ref_BT is None else _host(ref_BT)
+    mask = batch['loss_mask'].astype(np.float32)
+    rewards_BT, kl_BT = token_rewards(reward_N * row_weight, batch['old_logps'], ref_BT, mask, c.kl_coef)
+    adv_BT, returns_BT = (np.asarray(x) for x in losses.gae(rewards_BT, values_BT, mask, gamma=c.gamma,
+                                                            lam=c.lam))
+    n = max(mask.sum(), 1.0)
+    if c.whiten:
+      mean = (adv_BT * mask).sum() / n
+      std = np.sqrt((np.square(adv_BT - mean) * mask).sum() / n)
+      adv_BT = (adv_BT - mean) / (std + 1e-8) * mask
+    rows = max(float((mask.sum(axis=1) > 0).sum()), 1.0)
+    self._critic_metrics = {'kl/sequence': float(kl_BT.sum() / rows), 'values/mean': float((values_BT * mask).sum() / n),
+                            'returns/mean': float((returns_BT * mask).sum() / n)}
+    return {'advantages': adv_BT.astype(np.float32), 'returns': returns_BT.astype(np.float32),
+            'old_values': (values_BT * mask).astype(np.float32)}
+
+  def _rollout(self, policy) -> dict[str, np.ndarray]:
+    batch = super()._rollout(policy)
+    self.metrics.update(self._critic_metrics)
+    return batch

@@ -32,10 +32,13 @@ _BUCKET = 16
 
 class Policy(NamedTuple):
   """A model and the parameters to run it with: during training, the current
-  (full: LoRA base and adapters) parameters. Batch sources and evaluators get one."""
+  (full: LoRA base and adapters) parameters, and the frozen trees the stage's
+  loss reads by name ({'reference': ...}; a LoRA run's reference is the base with
+  adapters off). Batch sources and evaluators get one."""
 
   model: Any
   params: Any
+  frozen: Any = None
 
 
 def _filtered_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:

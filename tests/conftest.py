@@ -108,3 +108,20 @@ def make_grpo_config(test_config, **overrides):
   c.update(seq_len=40, batch_size=16, steps=3, log_every=1, eval_every=100, checkpoint_every=100)
   c.optimizer.lr, c.optimizer.warmup_steps = 1e-2, 1
   return set_fields(c, overrides)
+
+
+def make_ppo_config(test_config, **overrides):
+  """The 'test' model with a value head on the embedded tasks' prompts, PPO with
+  the even-token reward; `a__b=v` sets a.b after the ppo section exists."""
+  from configs import ppo
+  c = test_config()
+  p = ppo.get_config('size=test')
+  with c.unlocked():
+    c.stage, c.ppo, c.task_eval = 'ppo', p.ppo, p.task_eval
+    c.data.name, c.data.text_key, c.data.files = 'sft_tasks', '', ''
+  c.model.value_head = True
+  c.ppo.update(rewards=('rl_rewards:even_tokens',), reward_weights=(1.0,), max_new_tokens=8, num_generations=2)
+  c.task_eval.exact_match = False
+  c.update(seq_len=40, batch_size=16, steps=3, log_every=1, eval_every=100, checkpoint_every=100)
+  c.optimizer.lr, c.optimizer.warmup_steps = 1e-2, 1
+  return set_fields(c, overrides)

@@ -35,10 +35,11 @@ def test_8b_dry_run_with_fsdp8(tmp_path):
 def _n_params(m, stage):
   per_layer = m.d_model * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads) + 3 * m.d_model * m.d_ff + 2 * m.d_model
   head = m.d_model * (1 if stage == 'reward' else m.vocab_size)  # score [D, 1] or lm_head [D, V]
-  return m.vocab_size * m.d_model + m.n_layers * per_layer + m.d_model + head
+  value = m.d_model if stage == 'ppo' else 0  # PPO's critic: value [D, 1]
+  return m.vocab_size * m.d_model + m.n_layers * per_layer + m.d_model + head + value
 
 
-@pytest.mark.parametrize('stage,frozen', [('sft', 0), ('dpo', 1), ('reward', 0), ('grpo', 1)])
+@pytest.mark.parametrize('stage,frozen', [('sft', 0), ('dpo', 1), ('reward', 0), ('grpo', 1), ('ppo', 1)])
 def test_dry_run_compiles_each_post_training_stage(stage, frozen, tmp_path):
   """Each stage's batch layout (pairs, loss masks, [batch] score indices and
   advantages, float old log-probs) compiles without data or allocation; DPO and
@@ -54,4 +55,10 @@ def test_dry_run_compiles_each_post_training_stage(stage, frozen, tmp_path):
   assert report['param_bytes_per_device'] == 4 * n  # one device, float32
   assert report['frozen_bytes_per_device'] == frozen * 4 * n
   assert report['model_flops_per_step'] > 0 and report['temp_size_in_bytes'] > 0
+  if stage in ('grpo', 'ppo'):  # the rollout: KV cache of every reply (k and v, float32) and the sampler
+    section = config.grpo if stage == 'grpo' else config.ppo
+    rows = config.batch_size * section.get('oversample', 1)
+    kv = 2 * m.n_layers * rows * config.seq_len * m.n_kv_heads * m.head_dim * 4
+    assert report['rollout_kv_cache_bytes_per_device'] == kv
+    assert report['rollout_temp_bytes_per_device'] > 0
   assert not os.path.exists(tmp_path / 'run')

@@ -99,11 +99,15 @@ def render(messages: list[dict], tokenizer: Tokenizer, *, mask: str = 'assistant
   return np.asarray(ids, np.int32), np.asarray(weights, np.int32)
 
 
+def history(messages: list[dict]) -> list[dict]:
+  """A conversation without its last message if that is an assistant reply."""
+  return list(messages[:-1] if messages and messages[-1]['role'] == 'assistant' else messages)
+
+
 def prompt_ids(messages: list[dict], tokenizer: Tokenizer) -> list[int]:
   """Ids of a conversation up to (excluding) its last assistant reply, ending
   with <|assistant|>: what the model sees when asked to write that reply."""
-  history = messages[:-1] if messages and messages[-1]['role'] == 'assistant' else messages
-  ids, _ = render(history, tokenizer, add_generation_prompt=True)
+  ids, _ = render(history(messages), tokenizer, add_generation_prompt=True)
   return ids.tolist()
 
 

@@ -30,12 +30,12 @@ FAMILIES: dict[str, ModuleType] = {
     'llama': llama,  # Llama 2/3/3.1, Mistral, Qwen2
     'qwen3': qwen3,
 }
-# Top-level modules a head adds that a language model lacks (head='score'): loading
-# a language model's weights leaves them at their init, and LoRA trains them in full.
-NEW_HEADS = ('score',)
+# Top-level modules a head adds that a language model lacks (head='score', value_head):
+# loading a language model's weights leaves them at their init, and LoRA trains them in full.
+NEW_HEADS = ('score', 'value')
 
 __all__ = ['FAMILIES', 'NEW_HEADS', 'LoraConfig', 'count_params', 'family', 'family_for_hf', 'model_config',
-           'build', 'init_cache', 'repeat_cache', 'flops_per_token', 'forward']
+           'build', 'init_cache', 'repeat_cache', 'flops_per_token', 'forward', 'forward_with_values']
 
 
 def family(name: str) -> ModuleType:
@@ -90,3 +90,10 @@ def forward(model, params, tokens_BT, positions_BT=None, segment_ids_BT=None, rn
   out, _ = model.apply({'params': params}, tokens_BT, positions_BT, segment_ids_BT,
                        rngs={} if rng is None else {'dropout': rng})
   return out
+
+
+def forward_with_values(model, params, tokens_BT, positions_BT=None, segment_ids_BT=None, rng=None):
+  """(logits [B, T, V], values [B, T]) of a model with config.model.value_head (PPO's critic)."""
+  (out, _), state = model.apply({'params': params}, tokens_BT, positions_BT, segment_ids_BT,
+                                rngs={} if rng is None else {'dropout': rng}, mutable=['intermediates'])
+  return out, state['intermediates']['values'][0]

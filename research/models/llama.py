@@ -71,6 +71,9 @@ class Config:
   # lm: next-token logits [B, T, V]; score: one scalar per position [B, T, 1]
   # (a reward model: `score` replaces the output layer, read at the last token).
   head: str = 'lm'
+  # PPO's critic on the policy trunk: a `value` layer [D, 1] next to the head, its
+  # output [B, T] read by models.forward_with_values (other callers never see it).
+  value_head: bool = False
 
   def __post_init__(self):
     if self.head_dim == 0 and self.n_heads > 0:
@@ -303,6 +306,9 @@ class Model(nn.Module):
                               preferred_element_type=jnp.float32)
     else:
       logits_BTV = head(cfg.vocab_size, ('embed', 'vocab'), 'lm_head')(x_BTD)
+    if cfg.value_head:  # sown, so the sampler and plain forwards pay one [D, 1] matmul and keep their outputs
+      values_BT = head(1, ('embed', None), 'value')(x_BTD)[..., 0].astype(jnp.float32)
+      self.sow('intermediates', 'values', nn.with_logical_constraint(values_BT, ('batch', 'length')))
     out_axis = None if cfg.head == 'score' else 'vocab'
     logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ('batch', 'length', out_axis))
 

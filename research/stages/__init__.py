@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from research.errors import UserError
-from research.stages import dpo, grpo, pretrain, reward, sft
+from research.stages import dpo, grpo, ppo, pretrain, reward, sft
 
 STAGES: dict[str, Callable] = {
     'pretrain': pretrain.stage,
@@ -19,6 +19,7 @@ STAGES: dict[str, Callable] = {
     'dpo': dpo.stage,
     'reward': reward.stage,
     'grpo': grpo.stage,
+    'ppo': ppo.stage,
 }
 
 

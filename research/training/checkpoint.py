@@ -85,9 +85,10 @@ def _saved_param_names(path: str, step: int) -> set[str]:
 
 
 def restore_params(workdir: str, abstract_params: Any, *, optional: tuple[str, ...] = (),
-                   role: str = 'init_from') -> tuple[Any, int]:
-  """(parameters, step) of the latest checkpoint of a run: another run's, for
-  init_from, or a finished run's (`role` names it in error messages).
+                   role: str = 'init_from', step: int = 0) -> tuple[Any, int]:
+  """(parameters, step) of the latest checkpoint of a run (or of checkpoint
+  `step` when > 0): another run's, for init_from, or a finished run's (`role`
+  names it in error messages).
 
   `optional` names top-level modules that the checkpoint may lack (a reward
   model's new `score` head when init_from is a language model); the result then
@@ -99,7 +100,9 @@ def restore_params(workdir: str, abstract_params: Any, *, optional: tuple[str, .
     raise UserError(f'{role}={workdir!r} has no checkpoints/ directory; point it at the '
                     'workdir of a finished run.')
   manager = ocp.CheckpointManager(path, item_names=_ITEMS)
-  step = manager.latest_step()
+  if step > 0 and step not in manager.all_steps():
+    raise UserError(f'{role}={workdir!r} has no checkpoint of step {step}; it has {sorted(manager.all_steps())}.')
+  step = step or manager.latest_step()
   if step is None:
     raise UserError(f'{role}={workdir!r} holds no complete checkpoint.')
   try:

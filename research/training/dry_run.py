@@ -80,6 +80,9 @@ def dry_run(trainer) -> dict[str, Any]:
         f'({", ".join(trainer.held_frozen)})')
   if mem is not None:
     log(f'  compiled temp per device:   {report["temp_size_in_bytes"] / gib:8.3f} GiB')
+  for name, size in (trainer.stage.plan(trainer) if trainer.stage.plan else {}).items():
+    report[f'{name}_bytes_per_device'] = size
+    log(f'  {name.replace("_", " ") + " per device:":28}{size / gib:8.3f} GiB')
   log(f'  model FLOPs per step:       {report["model_flops_per_step"]:.3e} (6N + 12LHQT, all devices)')
   if report.get('xla_flops_per_step_per_device'):
     log(f'  XLA FLOPs per step/device:  {report["xla_flops_per_step_per_device"]:.3e} '

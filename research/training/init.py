@@ -34,7 +34,8 @@ from research.training.validate import build_model
 
 HF_PREFIX = 'hf:'
 # Model fields an hf:<dir> checkpoint does not decide: numerics, memory and the head.
-_KEEP_ON_HF = ('dtype', 'param_dtype', 'remat', 'scan_layers', 'init_std', 'head', 'attention_impl')
+_KEEP_ON_HF = ('dtype', 'param_dtype', 'remat', 'scan_layers', 'init_std', 'head', 'value_head',
+               'attention_impl')
 
 
 def resolve_config(config):
@@ -127,10 +128,11 @@ def load_init_from(config, layout: sharding.ParamLayout):
     cfg = layout.model.cfg
     _, params = hf.load_pretrained(
         src[len(HF_PREFIX):], dtype=cfg.param_dtype, compute_dtype=cfg.dtype, mesh=layout.mesh,
-        rules=layout.rules, remat=cfg.remat, scan_layers=cfg.scan_layers, head=cfg.head)
+        rules=layout.rules, remat=cfg.remat, scan_layers=cfg.scan_layers, head=cfg.head,
+        value_head=cfg.value_head)
     return layout.split(params)[1] if layout.uses_lora else params
   return ckpt_lib.restore_params(src, layout.base if layout.uses_lora else layout.trainable,
-                                 optional=models.NEW_HEADS)[0]
+                                 optional=models.NEW_HEADS, step=config.get('init_step', 0))[0]
 
 
 @jax.jit

@@ -31,7 +31,7 @@ from research.training.dry_run import dry_run
 from research.training.metrics import MetricWriter, log
 from research.training.stage import Hook, Stage
 from research.training.state import TrainState
-from research.training.step import BASE, full_params
+from research.training.step import BASE, full_params, loss_views
 from research.training.trainer import Trainer
 
 
@@ -57,7 +57,8 @@ class Run:
 
   def policy(self) -> sampling.Policy:
     """The model with the current full parameters (valid until the next step donates them)."""
-    return sampling.Policy(self.trainer.model, full_params(self.state.params, self.frozen))
+    return sampling.Policy(self.trainer.model, full_params(self.state.params, self.frozen),
+                           loss_views(self.state.params, self.frozen, self.stage.frozen))
 
 
 def _fmt_time(seconds: float) -> str:

@@ -67,6 +67,8 @@ class Stage:
       or None for a stage whose model does not generate.
     hooks: more loop hooks (logging, checkpoints, evaluation and samples are built in).
     batch_dtypes: dtype per batch field where not int32 (for dry runs).
+    plan: trainer -> {name: bytes per device} of what the stage holds besides the
+      train step (an RL stage's rollout: KV cache, logits), for the dry run.
   """
 
   name: str
@@ -79,3 +81,4 @@ class Stage:
   prompt_format: Any = None
   hooks: Sequence[Hook] = ()
   batch_dtypes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  plan: Callable[[Any], dict[str, int]] | None = None

@@ -1,0 +1,118 @@
+"""PPO: the critic head, per-token rewards, GAE advantages from the rollout
+source, and the stage through the trainer (accumulation, a run end to end)."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import init_params, make_ppo_config, make_trainer, train
+from research import models, rewards, sampling
+from research.data import sft as sft_data
+from research.errors import UserError
+from research.models.llama import Config, Model
+from research.rollouts import CriticSettings, PPOSource, RolloutSettings, token_rewards
+from research.training import init
+from research.training.metrics import read_metrics
+
+CFG = Config(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+
+
+def test_token_rewards_against_a_loop():
+  rng = np.random.default_rng(0)
+  mask = np.zeros((4, 9), np.int32)
+  for b, (start, end) in enumerate([(2, 7), (3, 9), (0, 0), (5, 6)]):
+    mask[b, start:end] = 1
+  logps, ref = rng.normal(size=(2, 4, 9)).astype(np.float32)
+  score = np.asarray([1.5, -2.0, 3.0, 0.25], np.float32)
+  got, kl = token_rewards(score, logps, ref, mask, kl_coef=0.1)
+  want = np.zeros((4, 9), np.float32)
+  for b in range(4):
+    idx = [t for t in range(9) if mask[b, t]]
+    for t in idx:
+      want[b, t] = -0.1 * (logps[b, t] - ref[b, t])
+    if idx:
+      want[b, idx[-1]] += score[b]
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(kl.sum(), ((logps - ref) * mask).sum(), rtol=1e-5)
+  assert (got[2] == 0).all()  # no reply: no reward
+
+
+def test_value_head_leaves_the_logits_alone():
+  critic = Model(dataclasses.replace(CFG, value_head=True))
+  params = init_params(critic)
+  assert params['value']['kernel'].shape == (32, 1)
+  tokens = np.arange(24, dtype=np.int32).reshape(2, 12) % 512
+  logits, values = models.forward_with_values(critic, params, tokens)
+  plain = models.forward(Model(CFG), {k: v for k, v in params.items() if k != 'value'}, tokens)
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(plain))
+  assert values.shape == (2, 12) and np.isfinite(np.asarray(values)).all()
+  assert 'value' in models.NEW_HEADS  # loading a language model's weights leaves it at its init
+
+
+@pytest.fixture()
+def critic_policy():
+  model = Model(dataclasses.replace(CFG, value_head=True))
+  params = init_params(model)
+  return sampling.Policy(model, params, {'reference': params})
+
+
+def _ppo_source(tok, test_config, critic: CriticSettings, prompts_per_step=3):
+  c = make_ppo_config(test_config)
+  prompts = sft_data.prompt_stream(c.data, tok, max_len=32, seed=0)
+  s = RolloutSettings(prompts_per_step=prompts_per_step, group_size=2, prompt_len=32, max_new_tokens=8)
+  return PPOSource(prompts, tok, s, {'even': rewards.resolve('rl_rewards:even_tokens')}, {'even': 1.0}, critic)
+
+
+def test_monte_carlo_returns_and_whitened_advantages(tok, test_config, critic_policy):
+  """With the reference equal to the policy the KL term is 0, so with gamma = lam = 1
+  every reply token's return is the reply's score (the reward's own formula)."""
+  source = _ppo_source(tok, test_config, CriticSettings(kl_coef=0.1, gamma=1.0, lam=1.0, whiten=True))
+  batch = source.next(critic_policy)
+  mask = batch['loss_mask'] > 0
+  assert batch['advantages'].shape == batch['returns'].shape == batch['old_values'].shape == mask.shape == (6, 39)
+  score = np.asarray([np.mean(t[m] % 2 == 0) for t, m in zip(batch['targets'], mask)])
+  np.testing.assert_allclose(batch['returns'], np.where(mask, score[:, None], 0.0), rtol=1e-5, atol=1e-6)
+  adv = batch['advantages'][mask]
+  assert abs(adv.mean()) < 1e-5 and adv.std() == pytest.approx(1.0, rel=1e-4)
+  assert (batch['advantages'][~mask] == 0).all() and (batch['old_values'][~mask] == 0).all()
+  assert abs(source.metrics['kl/sequence']) < 1e-5  # sampler vs trainer forward: float32 rounding only
+  for key in ('time/update_s', 'time/rollout_s', 'time/reward_s', 'time/reference_s', 'tokens_per_sec'):
+    assert key in source.metrics
+
+
+def test_ppo_needs_a_value_head(test_config):
+  from research.stages import ppo
+  with pytest.raises(UserError, match='value_head'):
+    ppo.stage(make_ppo_config(test_config, model__value_head=False))
+
+
+def test_accumulation_gives_the_same_update(test_config, tok):
+  devices = jax.devices()[:1]
+  trainers = [make_trainer(make_ppo_config(test_config, optimizer__grad_accum_steps=a), devices) for a in (1, 4)]
+  state, frozen, _ = init.setup_state(trainers[0], None)
+  policy = sampling.Policy(trainers[0].model, state.params, {'reference': frozen['reference']})
+  batch = _ppo_source(tok, test_config, CriticSettings(), prompts_per_step=8).next(policy)
+  outs = []
+  for t in trainers:
+    s, f, _ = init.setup_state(t, None)
+    with t.mesh_context():
+      outs.append(t.train_step(s, t.to_global(batch), f))
+  (s1, m1), (s4, m4) = outs
+  assert float(m1['train/value_loss']) > 0
+  np.testing.assert_allclose(float(m1['train/loss']), float(m4['train/loss']), rtol=1e-6, atol=1e-8)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_ppo_run_logs_rl_metrics(test_config, tmp_path):
+  train(make_ppo_config(test_config), tmp_path / 'run', devices=jax.devices()[:1])
+  last = {}
+  for row in read_metrics(str(tmp_path / 'run')):
+    last.update(row)
+  for key in ('train/value_loss', 'train/policy_loss', 'train/entropy', 'train/logp_diff/max', 'rollout/kl/sequence',
+              'rollout/reward/mean', 'rollout/time/update_s', 'rollout/time/reference_s'):
+    assert np.isfinite(last[key]), key
+  assert last['train/logp_diff/max'] < 1e-4  # sampler and trainer agree (float32)
+  assert last['rollout/kl/sequence'] != 0.0  # the policy moved away from the reference
