@@ -21,7 +21,7 @@ def get_config(arg=None):
   args = base.parse_arg(arg, size='tiny', mode='full', family='llama')
   c = base.base_config('ppo', args['size'], args['family'])
   c.data.name, c.data.text_key, c.data.mix_weights = 'sft_tasks', '', ()
-  c.model.value_head = True  # the critic: a [D, 1] layer on the policy's trunk
+  c.model.value_head = 'shared'  # the critic: a [D, 1] layer on the policy's trunk (or 'detached')
   c.ppo = ml_collections.ConfigDict(dict(
       num_generations=1,      # replies per prompt (they share one prefill)
       num_iterations=1,       # optimizer steps per rollout (> 1: the rollout is the old policy)

@@ -119,7 +119,7 @@ def make_ppo_config(test_config, **overrides):
   with c.unlocked():
     c.stage, c.ppo, c.task_eval = 'ppo', p.ppo, p.task_eval
     c.data.name, c.data.text_key, c.data.files = 'sft_tasks', '', ''
-  c.model.value_head = True
+  c.model.value_head = 'shared'
   c.ppo.update(rewards=('rl_rewards:even_tokens',), reward_weights=(1.0,), max_new_tokens=8, num_generations=2)
   c.task_eval.exact_match = False
   c.update(seq_len=40, batch_size=16, steps=3, log_every=1, eval_every=100, checkpoint_every=100)

@@ -42,7 +42,7 @@ def _expected_shapes(m):
     out["['score']['kernel']"] = (D, 1)
   elif not m.tie_embeddings:
     out["['lm_head']['kernel']"] = (D, V)
-  if m.value_head:  # PPO's critic
+  if m.value_head != 'none':  # PPO's critic
     out["['value']['kernel']"] = (D, 1)
   for i in range(m.n_layers):
     layer = {"['attn']['q']['kernel']": (D, H, Dh), "['attn']['k']['kernel']": (D, K, Dh),

@@ -40,7 +40,7 @@ def test_token_rewards_against_a_loop():
 
 
 def test_value_head_leaves_the_logits_alone():
-  critic = Model(dataclasses.replace(CFG, value_head=True))
+  critic = Model(dataclasses.replace(CFG, value_head='shared'))
   params = init_params(critic)
   assert params['value']['kernel'].shape == (32, 1)
   tokens = np.arange(24, dtype=np.int32).reshape(2, 12) % 512
@@ -53,7 +53,7 @@ def test_value_head_leaves_the_logits_alone():
 
 @pytest.fixture()
 def critic_policy():
-  model = Model(dataclasses.replace(CFG, value_head=True))
+  model = Model(dataclasses.replace(CFG, value_head='shared'))
   params = init_params(model)
   return sampling.Policy(model, params, {'reference': params})
 
@@ -85,7 +85,7 @@ def test_monte_carlo_returns_and_whitened_advantages(tok, test_config, critic_po
 def test_ppo_needs_a_value_head(test_config):
   from research.stages import ppo
   with pytest.raises(UserError, match='value_head'):
-    ppo.stage(make_ppo_config(test_config, model__value_head=False))
+    ppo.stage(make_ppo_config(test_config, model__value_head='none'))
 
 
 def test_accumulation_gives_the_same_update(test_config, tok):
@@ -116,3 +116,14 @@ def test_ppo_run_logs_rl_metrics(test_config, tmp_path):
     assert np.isfinite(last[key]), key
   assert last['train/logp_diff/max'] < 1e-4  # sampler and trainer agree (float32)
   assert last['rollout/kl/sequence'] != 0.0  # the policy moved away from the reference
+
+
+@pytest.mark.parametrize('mode', ['shared', 'detached'])
+def test_a_detached_critic_trains_only_its_layer(mode):
+  model = Model(dataclasses.replace(CFG, value_head=mode))
+  params = init_params(model)
+  tokens = np.arange(16, dtype=np.int32).reshape(2, 8)
+  grads = jax.grad(lambda p: jax.numpy.sum(models.forward_with_values(model, p, tokens)[1] ** 2))(params)
+  trunk = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves({k: v for k, v in grads.items() if k != 'value'}))
+  assert float(np.abs(np.asarray(grads['value']['kernel'])).max()) > 0
+  assert (trunk == 0.0) == (mode == 'detached'), trunk

@@ -93,7 +93,7 @@ def forward(model, params, tokens_BT, positions_BT=None, segment_ids_BT=None, rn
 
 
 def forward_with_values(model, params, tokens_BT, positions_BT=None, segment_ids_BT=None, rng=None):
-  """(logits [B, T, V], values [B, T]) of a model with config.model.value_head (PPO's critic)."""
+  """(logits [B, T, V], values [B, T]) of a model with a config.model.value_head (PPO's critic)."""
   (out, _), state = model.apply({'params': params}, tokens_BT, positions_BT, segment_ids_BT,
                                 rngs={} if rng is None else {'dropout': rng}, mutable=['intermediates'])
   return out, state['intermediates']['values'][0]

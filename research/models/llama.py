@@ -71,9 +71,10 @@ class Config:
   # lm: next-token logits [B, T, V]; score: one scalar per position [B, T, 1]
   # (a reward model: `score` replaces the output layer, read at the last token).
   head: str = 'lm'
-  # PPO's critic on the policy trunk: a `value` layer [D, 1] next to the head, its
+  # PPO's critic on the policy's trunk: a `value` layer [D, 1] next to the head, its
   # output [B, T] read by models.forward_with_values (other callers never see it).
-  value_head: bool = False
+  # none | shared (the value loss trains the trunk too) | detached (only the layer).
+  value_head: str = 'none'
 
   def __post_init__(self):
     if self.head_dim == 0 and self.n_heads > 0:
@@ -107,6 +108,9 @@ class Config:
     if self.head not in ('lm', 'score'):
       raise UserError(f"config.model.head={self.head!r}; choose 'lm' (next-token logits) or 'score' "
                       '(a scalar per position, for reward models).')
+    if self.value_head not in ('none', 'shared', 'detached'):
+      raise UserError(f"config.model.value_head={self.value_head!r}; choose 'none', 'shared' (a critic "
+                      "trained with the trunk) or 'detached' (only its own layer trains).")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise UserError(f'config.model.attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}.')
     if self.remat not in REMAT_POLICIES:
@@ -306,8 +310,9 @@ class Model(nn.Module):
                               preferred_element_type=jnp.float32)
     else:
       logits_BTV = head(cfg.vocab_size, ('embed', 'vocab'), 'lm_head')(x_BTD)
-    if cfg.value_head:  # sown, so the sampler and plain forwards pay one [D, 1] matmul and keep their outputs
-      values_BT = head(1, ('embed', None), 'value')(x_BTD)[..., 0].astype(jnp.float32)
+    if cfg.value_head != 'none':  # sown: the sampler and plain forwards pay one [D, 1] matmul, outputs unchanged
+      features = jax.lax.stop_gradient(x_BTD) if cfg.value_head == 'detached' else x_BTD
+      values_BT = head(1, ('embed', None), 'value')(features)[..., 0].astype(jnp.float32)
       self.sow('intermediates', 'values', nn.with_logical_constraint(values_BT, ('batch', 'length')))
     out_axis = None if cfg.head == 'score' else 'vocab'
     logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ('batch', 'length', out_axis))

@@ -62,8 +62,9 @@ def make_loss(p):
 def stage(config) -> Stage:
   """PPO on config.data's prompts against config.ppo.rewards."""
   p = config.ppo
-  if not config.model.value_head:
-    raise UserError('stage ppo needs a critic: set config.model.value_head=True (configs/ppo.py does).')
+  if config.model.value_head == 'none':
+    raise UserError("stage ppo needs a critic: set config.model.value_head='shared' or 'detached' "
+                    '(configs/ppo.py does).')
   prompt_len = grpo.validate(config, p, min_group=1)
   settings = grpo.rollout_settings(config, p, prompt_len)
   critic = CriticSettings(kl_coef=p.kl_coef, gamma=p.gamma, lam=p.lam, whiten=p.whiten)
