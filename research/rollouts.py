@@ -20,6 +20,15 @@ DAPO's dynamic sampling draws `oversample` times the prompts and keeps groups
 whose rewards differ; a shortfall is filled with zero-weight groups, so shapes
 never change.
 
+PPOSource (stage ppo) builds per-token fields instead: the critic's values at
+the rollout's parameters (`old_values`), GAE `advantages` [batch, length] over
+rewards that are the reply's score minus a per-token KL penalty to the
+reference, and `returns`.
+
+Each rollout logs its time split: time/update_s (the optimizer steps and hooks
+since the last rollout), time/rollout_s (sampling), time/reward_s (reward
+functions), time/reference_s (advantages: PPO's critic and reference forwards).
+
 Resume is exact: the sampling key is derived from the seed and the number of
 rollouts so far, which the source's state (checkpointed) holds with the prompt
 stream's; checkpoints fall on rollout boundaries (a config check).
