@@ -166,3 +166,28 @@ def base_config(stage: str, size: str, family: str = 'llama') -> ml_collections.
       prompts=('def ', 'import ', 'class '), max_new_tokens=48, temperature=0.8, top_k=0,
       top_p=0.95))
   return c
+
+
+def online_rl_config(stage: str, args: dict, section: dict) -> ml_collections.ConfigDict:
+  """The shape the online-RL configs (grpo, ppo) share: prompts from the embedded
+  tasks, config.<stage> = `section`, greedy exact match on the held-out tasks,
+  run sizes for the preset (tiny: 64 replies of at most 24 tokens after 40 prompt
+  tokens), and the mode (full or LoRA)."""
+  c = base_config(stage, args['size'], args['family'])
+  c.data.name, c.data.text_key, c.data.mix_weights = 'sft_tasks', '', ()
+  c[stage] = ml_collections.ConfigDict(section)
+  c.task_eval = task_eval_config()
+  c.sample.prompts = ('What is 12 + 30?', 'Reverse the letters: c o d e')
+  c.sample.temperature = 0.0
+  c.optimizer.weight_decay = 0.0
+  if args['size'] in ('tiny', 'test'):
+    c.seq_len, c.batch_size = 64, 64
+    c.steps, c.eval_every, c.checkpoint_every, c.log_every = 100, 50, 50, 5
+    c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.decay = 1e-5, 5, 'constant'
+  else:
+    c.seq_len, c.batch_size = 2048, 512
+    c[stage].max_new_tokens = 1024
+    c.steps = 500
+    c.optimizer.lr, c.optimizer.warmup_steps = 1e-6, 20
+  apply_mode(c, args['mode'], tiny=dict(rank=8, alpha=16.0, lr=2e-4), large=dict(rank=16, alpha=32.0, lr=1e-5))
+  return c

@@ -17,8 +17,6 @@ reward_model:<workdir>) or 'package.module:function', with grpo.reward_weights.
 batch_size counts replies: batch_size / num_generations prompts per step.
 """
 
-import ml_collections
-
 from configs import base
 
 ALGOS = {
@@ -37,11 +35,9 @@ def get_config(arg=None):
   args = base.parse_arg(arg, size='tiny', mode='full', algo='grpo', family='llama')
   if args['algo'] not in ALGOS:
     raise ValueError(f"algo={args['algo']!r}; choose one of {sorted(ALGOS)}")
-  c = base.base_config('grpo', args['size'], args['family'])
-  c.data.name, c.data.text_key, c.data.mix_weights = 'sft_tasks', '', ()
-  c.grpo = ml_collections.ConfigDict(dict(
+  c = base.online_rl_config('grpo', args, dict(
       algo=args['algo'],
-      num_generations=8,      # replies per prompt (a group)
+      num_generations=8,      # replies per prompt (a group): tiny, 8 prompts x 8 replies
       num_iterations=1,       # optimizer steps per rollout (> 1: the rollout is the old policy)
       max_new_tokens=24, temperature=1.0,
       advantage='grpo',       # grpo | drgrpo | rloo
@@ -56,20 +52,4 @@ def get_config(arg=None):
       eval_samples=4, eval_k=4,  # pass@k and mean@k on the held-out tasks (0 samples: off)
   ))
   c.grpo.update(ALGOS[args['algo']])
-  c.task_eval = base.task_eval_config()
-  c.sample.prompts = ('What is 12 + 30?', 'Reverse the letters: c o d e')
-  c.sample.temperature = 0.0
-  c.optimizer.weight_decay = 0.0
-  if args['size'] in ('tiny', 'test'):
-    c.seq_len = 64                      # 40 prompt tokens + 24 new
-    c.batch_size = 64                   # 8 prompts x 8 replies
-    c.steps, c.eval_every, c.checkpoint_every, c.log_every = 100, 50, 50, 5
-    c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.decay = 1e-5, 5, 'constant'
-  else:
-    c.seq_len, c.batch_size = 2048, 512
-    c.grpo.max_new_tokens = 1024
-    c.steps = 500
-    c.optimizer.lr, c.optimizer.warmup_steps = 1e-6, 20
-  base.apply_mode(c, args['mode'], tiny=dict(rank=8, alpha=16.0, lr=2e-4),
-                  large=dict(rank=16, alpha=32.0, lr=1e-5))
   return c

@@ -11,18 +11,13 @@ Rewards: ppo.rewards as in configs/grpo.py (the default is the reward model of
 runs/reward); batch_size counts replies (num_generations per prompt).
 """
 
-import ml_collections
-
 from configs import base
 
 
 def get_config(arg=None):
   """Returns the PPO config for `arg` ('size=tiny,mode=full' by default)."""
   args = base.parse_arg(arg, size='tiny', mode='full', family='llama')
-  c = base.base_config('ppo', args['size'], args['family'])
-  c.data.name, c.data.text_key, c.data.mix_weights = 'sft_tasks', '', ()
-  c.model.value_head = 'shared'  # the critic: a [D, 1] layer on the policy's trunk (or 'detached')
-  c.ppo = ml_collections.ConfigDict(dict(
+  c = base.online_rl_config('ppo', args, dict(
       num_generations=1,      # replies per prompt (they share one prefill)
       num_iterations=1,       # optimizer steps per rollout (> 1: the rollout is the old policy)
       max_new_tokens=24, temperature=1.0,
@@ -34,20 +29,5 @@ def get_config(arg=None):
       rewards=('reward_model:runs/reward',), reward_weights=(1.0,),
       eval_samples=0, eval_k=4,  # pass@k and mean@k on the held-out tasks (0 samples: off)
   ))
-  c.task_eval = base.task_eval_config()
-  c.sample.prompts = ('What is 12 + 30?', 'Reverse the letters: c o d e')
-  c.sample.temperature = 0.0
-  c.optimizer.weight_decay = 0.0
-  if args['size'] in ('tiny', 'test'):
-    c.seq_len = 64                      # 40 prompt tokens + 24 new
-    c.batch_size = 64
-    c.steps, c.eval_every, c.checkpoint_every, c.log_every = 100, 50, 50, 5
-    c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.decay = 1e-5, 5, 'constant'
-  else:
-    c.seq_len, c.batch_size = 2048, 512
-    c.ppo.max_new_tokens = 1024
-    c.steps = 500
-    c.optimizer.lr, c.optimizer.warmup_steps = 1e-6, 20
-  base.apply_mode(c, args['mode'], tiny=dict(rank=8, alpha=16.0, lr=2e-4),
-                  large=dict(rank=16, alpha=32.0, lr=1e-5))
+  c.model.value_head = 'shared'  # the critic: a [D, 1] layer on the policy's trunk (or 'detached')
   return c

@@ -125,3 +125,31 @@ def make_ppo_config(test_config, **overrides):
   c.update(seq_len=40, batch_size=16, steps=3, log_every=1, eval_every=100, checkpoint_every=100)
   c.optimizer.lr, c.optimizer.warmup_steps = 1e-2, 1
   return set_fields(c, overrides)
+
+
+def step_with_accumulation(make_config, batch_fn, accums=(1, 4)):
+  """One train step on the same batch per grad_accum_steps in `accums` (one
+  device); batch_fn(policy) makes the batch from the first trainer's initial
+  policy. Returns [(state, metrics), ...]."""
+  import jax
+  from research import sampling
+  from research.training import init
+  trainers = [make_trainer(make_config(optimizer__grad_accum_steps=a), jax.devices()[:1]) for a in accums]
+  state, frozen, _ = init.setup_state(trainers[0], None)
+  batch = batch_fn(sampling.Policy(trainers[0].model, state.params, frozen))
+  outs = []
+  for t in trainers:
+    s, f, _ = init.setup_state(t, None)
+    with t.mesh_context():
+      outs.append(t.train_step(s, t.to_global(batch), f))
+  return outs
+
+
+def assert_same_update(a, b, rtol=1e-6):
+  """Two (state, metrics) results hold the same loss and parameters (float32 rounding)."""
+  import jax
+  import numpy as np
+  (s1, m1), (s2, m2) = a, b
+  np.testing.assert_allclose(float(m1['train/loss']), float(m2['train/loss']), rtol=rtol, atol=1e-8)
+  for x, y in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=1e-7)

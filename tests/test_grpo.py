@@ -12,13 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import init_params, make_grpo_config, make_trainer, train
+from conftest import assert_same_update, init_params, make_grpo_config, make_trainer, step_with_accumulation, train
 from research import losses, rewards, sampling
 from research.data import sft as sft_data
 from research.errors import UserError
 from research.models.llama import Config, Model
 from research.rollouts import RolloutSettings, RolloutSource
-from research.training import init
 from research.training.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,21 +117,10 @@ def test_dynamic_sampling_keeps_shapes_with_zero_weight_fill(tok, test_config, p
 
 
 def test_accumulation_gives_the_same_update(test_config, tok):
-  devices = jax.devices()[:1]
-  trainers = [make_trainer(make_grpo_config(test_config, optimizer__grad_accum_steps=a), devices) for a in (1, 4)]
-  state, frozen, _ = init.setup_state(trainers[0], None)
-  policy = sampling.Policy(trainers[0].model, state.params)
-  batch = _source(tok, test_config, prompts_per_step=4, prompt_len=32).next(policy)
-  batch = {k: v for k, v in batch.items()}
-  outs = []
-  for t in trainers:
-    s, f, _ = init.setup_state(t, None)
-    with t.mesh_context():
-      outs.append(t.train_step(s, t.to_global(batch), f))
-  (s1, m1), (s4, m4) = outs
-  np.testing.assert_allclose(float(m1['train/loss']), float(m4['train/loss']), rtol=1e-6, atol=1e-8)
-  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  one, four = step_with_accumulation(lambda **kw: make_grpo_config(test_config, **kw),
+                                     lambda policy: _source(tok, test_config, prompts_per_step=4,
+                                                            prompt_len=32).next(policy))
+  assert_same_update(one, four)
 
 
 def _metric_rows(workdir, key):

@@ -7,13 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import init_params, make_ppo_config, make_trainer, train
+from conftest import assert_same_update, init_params, make_ppo_config, step_with_accumulation, train
 from research import models, rewards, sampling
 from research.data import sft as sft_data
 from research.errors import UserError
 from research.models.llama import Config, Model
 from research.rollouts import CriticSettings, PPOSource, RolloutSettings, token_rewards
-from research.training import init
 from research.training.metrics import read_metrics
 
 CFG = Config(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
@@ -89,21 +88,11 @@ def test_ppo_needs_a_value_head(test_config):
 
 
 def test_accumulation_gives_the_same_update(test_config, tok):
-  devices = jax.devices()[:1]
-  trainers = [make_trainer(make_ppo_config(test_config, optimizer__grad_accum_steps=a), devices) for a in (1, 4)]
-  state, frozen, _ = init.setup_state(trainers[0], None)
-  policy = sampling.Policy(trainers[0].model, state.params, {'reference': frozen['reference']})
-  batch = _ppo_source(tok, test_config, CriticSettings(), prompts_per_step=8).next(policy)
-  outs = []
-  for t in trainers:
-    s, f, _ = init.setup_state(t, None)
-    with t.mesh_context():
-      outs.append(t.train_step(s, t.to_global(batch), f))
-  (s1, m1), (s4, m4) = outs
-  assert float(m1['train/value_loss']) > 0
-  np.testing.assert_allclose(float(m1['train/loss']), float(m4['train/loss']), rtol=1e-6, atol=1e-8)
-  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  one, four = step_with_accumulation(lambda **kw: make_ppo_config(test_config, **kw),
+                                     lambda policy: _ppo_source(tok, test_config, CriticSettings(),
+                                                                prompts_per_step=8).next(policy))
+  assert float(one[1]['train/value_loss']) > 0
+  assert_same_update(one, four)
 
 
 def test_ppo_run_logs_rl_metrics(test_config, tmp_path):
