@@ -137,7 +137,8 @@ def base_config(stage: str, size: str, family: str = 'llama') -> ml_collections.
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=lr, warmup_steps=min(100, max(1, steps // 10)), decay='cosine',  # cosine | linear | constant
       min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
-      grad_accum_steps=1))
+      grad_accum_steps=1,
+      head_lr_scale=1.0))  # learning-rate multiplier of new heads (reward score, PPO value)
 
   # Mesh axis sizes; one may be -1 to take the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -116,3 +116,23 @@ def test_a_detached_critic_trains_only_its_layer(mode):
   trunk = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves({k: v for k, v in grads.items() if k != 'value'}))
   assert float(np.abs(np.asarray(grads['value']['kernel'])).max()) > 0
   assert (trunk == 0.0) == (mode == 'detached'), trunk
+
+
+def test_head_lr_scale_multiplies_only_the_new_heads_update():
+  import ml_collections
+  import optax
+  from configs import base
+  from research.training.optimizer import make_optimizer
+  rng = np.random.default_rng(0)
+  params = {'value': {'kernel': rng.normal(size=(8, 1)).astype(np.float32)},
+            'layers_0': {'w': rng.normal(size=(8, 8)).astype(np.float32)}}
+  grads = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+  updates = {}
+  for scale in (1.0, 30.0):
+    opt = ml_collections.ConfigDict(base.base_config('ppo', 'test').optimizer.to_dict())
+    opt.update(head_lr_scale=scale, warmup_steps=0, decay='constant', lr=1e-3)
+    tx, _ = make_optimizer(opt, 10)
+    updates[scale], _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates[30.0]['value']['kernel'], 30 * updates[1.0]['value']['kernel'], rtol=1e-6)
+  np.testing.assert_array_equal(updates[30.0]['layers_0']['w'], updates[1.0]['layers_0']['w'])
+  assert np.abs(optax.tree.norm(updates[1.0]['value'])) > 0

@@ -35,12 +35,27 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
+def head_mask(params):
+  """True for the leaves of new heads (models.NEW_HEADS: a reward model's score,
+  PPO's value), False elsewhere."""
+  from research.models import NEW_HEADS  # pylint: disable=import-outside-toplevel
+  return {k: jax.tree.map(lambda _, new=k in NEW_HEADS: new, v) for k, v in params.items()}
+
+
 def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(AdamW with clipping and decay mask, its learning-rate schedule)."""
+  """(AdamW with clipping and decay mask, its learning-rate schedule).
+
+  optimizer.head_lr_scale != 1 multiplies the updates of new heads (a randomly
+  initialised score or value layer next to a trained trunk, which at the
+  trunk's fine-tuning rate would take hundreds of steps to reach its targets).
+  """
   schedule = lr_schedule(opt_cfg, total_steps)
   parts = []
   if opt_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
   parts.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                            weight_decay=opt_cfg.weight_decay, mask=decay_mask))
+  scale = opt_cfg.get('head_lr_scale', 1.0)
+  if scale != 1.0:  # only then: the optimizer state of runs without it keeps its structure
+    parts.append(optax.masked(optax.scale(scale), head_mask))
   return optax.chain(*parts), schedule
