@@ -7,8 +7,12 @@ The CPU demo (after SFT wrote runs/sft):
 
 The reference model is the frozen init_from parameters (with LoRA: the base with
 adapters off). Data: 'pref_tasks' (correct vs plausible wrong task answers) and
-'pref_code' (stdlib function vs a corrupted copy), or JSONL rows
-{"prompt", "chosen", "rejected"} (strings or message lists) via data.name=files.
+'pref_code' (stdlib function vs a corrupted copy), 'pref_tasks_ranked' (the task
+answers ranked, every pair of a ranking trained in one batch), or JSONL rows
+{"prompt", "chosen", "rejected"} or {"prompt", "ranked": [best, ..., worst]}
+(strings or message lists) via data.name=files. dpo.pairs_per_row > 1 packs
+rows with up to that many pairs (batch_size then counts rows of seq_len tokens);
+the tiny preset packs.
 Presets: size=tiny|7b|8b, mode=full|lora, family=llama|qwen3.
 """
 
@@ -25,13 +29,18 @@ def get_config(arg=None):
   c.dpo = ml_collections.ConfigDict(dict(
       loss_type='sigmoid',  # sigmoid | ipo | robust | simpo | orpo
       beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, orpo_lambda=0.1,
-      rpo_alpha=0.0))  # > 0: add alpha x NLL of the chosen reply (RPO)
+      rpo_alpha=0.0,  # > 0: add alpha x NLL of the chosen reply (RPO)
+      pairs_per_row=1))  # 1: one pair per row, padded; > 1: rows packed with up to that many pairs
   c.task_eval = base.task_eval_config()
   c.sample.prompts = ('What is 12 + 30?', 'Reverse the letters: c o d e')
   c.sample.temperature = 0.0
   c.optimizer.weight_decay = 0.0
   if args['size'] == 'tiny':
-    c.steps, c.seq_len, c.batch_size = 500, 128, 16
+    # Packed: 5 rows of 128 tokens per side hold about 16 pairs (15.7 on average, 12 to 20;
+    # the embedded pairs are mostly ~20 tokens a side), a third of the tokens of 16
+    # padded rows. 8 eval batches hold the first 129 held-out pairs (8 x 16 padded: the first 128).
+    c.steps, c.seq_len, c.batch_size = 500, 128, 5
+    c.dpo.pairs_per_row = 8
     c.eval_every, c.eval_batches = 250, 8
     c.optimizer.lr, c.optimizer.warmup_steps = 1e-4, 20
     c.dpo.rpo_alpha = 1.0  # the tiny model otherwise forgets how to answer

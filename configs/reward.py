@@ -7,8 +7,11 @@ The CPU demo (after SFT wrote runs/sft):
         --config.init_from=runs/sft
 
 The backbone comes from init_from (its output layer is dropped), the score head
-starts random. Data as in configs/dpo.py: 'pref_tasks' + 'pref_code', or JSONL
-rows {"prompt", "chosen", "rejected"} via data.name=files. Logs eval/accuracy.
+starts random. Data as in configs/dpo.py: 'pref_tasks' + 'pref_code',
+'pref_tasks_ranked', or JSONL rows {"prompt", "chosen", "rejected"} or
+{"prompt", "ranked": [best, ..., worst]} via data.name=files (a ranked row
+trains all its K(K-1)/2 pairs in one batch, as InstructGPT's reward model).
+reward.pairs_per_row > 1 packs rows (the tiny preset does). Logs eval/accuracy.
 Load the result for online RL with research.rewards.load_reward_model.
 Presets: size=tiny|7b|8b, mode=full|lora, family=llama|qwen3.
 """
@@ -26,12 +29,15 @@ def get_config(arg=None):
   base.use_preference_data(c)
   c.reward = ml_collections.ConfigDict(dict(
       margin=0.0,         # subtracted from r_chosen - r_rejected inside the sigmoid
-      center_coef=0.01))  # + coef * mean((r_chosen + r_rejected)^2) keeps rewards near 0
+      center_coef=0.01,  # + coef * mean((r_chosen + r_rejected)^2) keeps rewards near 0
+      pairs_per_row=1))  # 1: one pair per row, padded; > 1: rows packed with up to that many pairs
   c.sample.prompts = ()  # a reward model does not generate
   c.optimizer.weight_decay = 0.0
   if args['size'] == 'tiny':
     # The variants tried: experiments/results/preference.md.
-    c.steps, c.seq_len, c.batch_size = 1200, 128, 16
+    # Packed as configs/dpo.py's tiny preset: 5 rows of 128 tokens, about 16 pairs.
+    c.steps, c.seq_len, c.batch_size = 1200, 128, 5
+    c.reward.pairs_per_row = 8
     c.eval_every, c.eval_batches = 600, 8
     c.optimizer.lr, c.optimizer.warmup_steps = 3e-4, 20
   else:

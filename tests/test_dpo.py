@@ -102,6 +102,7 @@ def _dpo_config(test_config, loss_type='sigmoid', **kw):
     c.task_eval.exact_match = False
     c.dpo.rpo_alpha = 0.0  # pure DPO: loss ln 2 at the reference
     c.dpo.loss_type = loss_type
+    c.dpo.pairs_per_row = 1  # one pair per row (the tiny preset packs; tests/test_ranked.py tests that)
     c.data.name, c.data.text_key, c.data.mix_weights = 'pref_tasks', '', ()
   return c
 

@@ -99,6 +99,7 @@ def _reward_config(test_config, **kw):
   r = reward_cfg.get_config()
   with c.unlocked():
     c.stage, c.reward = 'reward', r.reward
+    c.reward.pairs_per_row = 1  # one pair per row (the tiny preset packs; tests/test_ranked.py tests that)
     c.model.head = 'score'
     c.data.name, c.data.text_key, c.data.mix_weights = 'pref_tasks', '', ()
   return c

@@ -17,6 +17,13 @@ so results can be broken down (experiments/preference_breakdown.py).
   'misspelled_name' (one use of a name misspelled: a NameError) or
   'swapped_operator' (one of < > <= >= == != + - flipped). Only functions
   whose prompt and source fit MAX_CODE_PAIR_CHARS. Split by source file.
+* 'pref_tasks_ranked': the same task questions as ranked rows {"prompt",
+  "ranked": [exact answer, wrong answers from least to most wrong]}, for
+  training on every pair of a ranking (InstructGPT's K-wise comparisons). Up
+  to RANKED_WRONG wrong answers, each with a different answer_error (for add
+  the absolute numeric error, for reverse and sort the number of wrong
+  positions), drawn from plausible slips; `errors` lists each reply's.
+  Held out like 'pref_tasks'.
 """
 
 from __future__ import annotations
@@ -91,6 +98,83 @@ def task_pairs(split: str, per_family: int, seed: int = 99):
     rejected, kind = wrong_answer(row['family'], question, row['answer'], rng)
     yield key, {'prompt': question, 'chosen': row['answer'], 'rejected': rejected,
                 'family': row['family'], 'kind': kind}
+
+
+RANKED_WRONG = 3  # wrong answers per ranked row (fewer where fewer degrees of wrongness exist)
+
+
+def answer_error(family: str, answer: str, reply: str) -> int:
+  """How wrong `reply` is against the exact `answer`: for add the absolute
+  numeric error; for reverse and sort the number of wrong positions (items
+  compared position by position, each missing or extra item one more)."""
+  if family == 'add':
+    return abs(int(reply) - int(answer))
+  want, got = answer.split(), reply.split()
+  return sum(w != g for w, g in zip(want, got)) + abs(len(want) - len(got))
+
+
+def _two_swaps(items: list[str]) -> list[list[str]]:
+  """Every copy of `items` with two disjoint pairs of neighbours swapped."""
+  out = []
+  for i in range(len(items) - 1):
+    for j in range(i + 2, len(items) - 1):
+      x = list(items)
+      x[i], x[i + 1], x[j], x[j + 1] = x[i + 1], x[i], x[j + 1], x[j]
+      out.append(x)
+  return out
+
+
+def wrong_answers(family: str, question: str, answer: str) -> list[str]:
+  """Plausible wrong answers to a generated task (deduplicated, in a fixed
+  order): for add, slips of 1, 2, 10, 11, 20 or 100, the carry dropped and two
+  digits transposed; for reverse and sort, the question's own order, one or two
+  neighbour swaps, one item changed or dropped, a rotation (and for sort the
+  descending order)."""
+  if family == 'add':
+    a, b = (int(x) for x in question[len('What is '):-1].split(' + '))
+    value = a + b
+    out = [str(value + d) for d in (-100, -20, -11, -10, -2, -1, 1, 2, 10, 11, 20, 100) if value + d >= 0]
+    if a % 10 + b % 10 >= 10:
+      out.append(f'{a // 10 + b // 10}{value % 10}')  # the units' carry never reaches the tens
+    digits = str(value)
+    for i in range(len(digits) - 1):
+      swapped = digits[:i] + digits[i + 1] + digits[i] + digits[i + 2:]
+      if swapped[0] != '0':
+        out.append(swapped)
+  else:
+    items = answer.split()
+    given = question.split(': ', 1)[1].split()
+    candidates = [given, items[::-1], items[1:] + items[:1], items[:-1], items[1:]]
+    for i in range(len(items) - 1):
+      candidates.append(items[:i] + [items[i + 1], items[i]] + items[i + 2:])
+    candidates += _two_swaps(items)
+    for i, item in enumerate(items):  # one item slipped: the next letter, or the number plus one
+      slip = (chr((ord(item) - ord('a') + 1) % 26 + ord('a')) if family == 'reverse'
+              else str((int(item) + 1) % 100))
+      candidates.append(items[:i] + [slip] + items[i + 1:])
+    out = [' '.join(c) for c in candidates if c]
+  return [w for w in dict.fromkeys(out) if w != answer]
+
+
+def ranked_answers(family: str, question: str, answer: str, rng: random.Random) -> tuple[list[str], list[int]]:
+  """([exact answer, wrong answers from least to most wrong], their
+  answer_error): up to RANKED_WRONG wrong answers with distinct errors, so the
+  order is strict, drawn at random among the degrees of wrongness there are."""
+  by_error: dict[int, list[str]] = {}
+  for w in wrong_answers(family, question, answer):
+    by_error.setdefault(answer_error(family, answer, w), []).append(w)
+  errors = sorted(rng.sample(sorted(by_error), min(RANKED_WRONG, len(by_error))))
+  return [answer] + [rng.choice(by_error[e]) for e in errors], [0] + errors
+
+
+def ranked_task_rows(split: str, per_family: int, seed: int = 123):
+  """Yields (key, row) ranked rows from the generated tasks (same questions and
+  held-out split as task_pairs)."""
+  rng = random.Random(seed)
+  for key, row in sft_sources.task_rows(split, per_family):
+    question = row['messages'][0]['content']
+    ranked, errors = ranked_answers(row['family'], question, row['answer'], rng)
+    yield key, {'prompt': question, 'ranked': ranked, 'family': row['family'], 'errors': errors}
 
 
 def _delete_line(body: str, rng: random.Random) -> str | None:
@@ -201,3 +285,11 @@ class PrefCode(sources.JsonRows):
   def rows(self, split):
     return code_pairs(split == 'validation')
 
+
+class PrefTasksRanked(sources.JsonRows):
+  """The generated tasks' answers ranked: exact first, then wrong ones from least to most wrong."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def rows(self, split):
+    return ranked_task_rows(split, 4000 if split == 'train' else 100)

@@ -6,8 +6,8 @@
   files (about 30 MB, present wherever Python is). Needs no download.
 * 'files': local .txt files (one document each) and .jsonl files (one document
   per row, text in `text_key`), from comma-separated globs in `files`.
-* 'sft_tasks', 'sft_code', 'pref_tasks', 'pref_code': the embedded SFT and
-  preference data (sft_sources.py, pref_sources.py).
+* 'sft_tasks', 'sft_code', 'pref_tasks', 'pref_code', 'pref_tasks_ranked': the
+  embedded SFT and preference data (sft_sources.py, pref_sources.py).
 * any other name: a TFDS dataset the user has prepared as array_record,
   e.g. `tfds build c4/en --file_format=array_record`.
 
@@ -41,6 +41,7 @@ BUILDERS: dict[str, Factory] = {
     'sft_code': _embedded(sft_sources.SftCode),
     'pref_tasks': _embedded(pref_sources.PrefTasks),
     'pref_code': _embedded(pref_sources.PrefCode),
+    'pref_tasks_ranked': _embedded(pref_sources.PrefTasksRanked),
 }
 
 

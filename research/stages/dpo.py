@@ -1,10 +1,17 @@
-"""Preference optimization: DPO and relatives on {"prompt", "chosen", "rejected"} pairs.
+"""Preference optimization: DPO and relatives on {"prompt", "chosen", "rejected"}
+pairs and {"prompt", "ranked": [best, ..., worst]} rankings (every pair of a
+ranking, all in one batch).
 
 Pairs are rendered by research/data/pairs.py (the loss reads log-probabilities
-of the final assistant reply only). The reference model is frozen: a copy of
-the initial parameters, or, with LoRA, the same base with the adapters
-switched off, so only one copy of the base exists. The reference-free losses
-(SimPO, ORPO) hold no reference at all.
+of the final assistant reply only), one per row or, with config.dpo.pairs_per_row
+> 1, packed several per row (a pair is a segment; its log-probabilities are
+summed over the segment). The loss and metrics are means over a batch's real
+pairs (padding pairs weigh 0), with their number as the weight, so
+accumulation and evaluation average over real pairs exactly.
+
+The reference model is frozen: a copy of the initial parameters, or, with
+LoRA, the same base with the adapters switched off, so only one copy of the
+base exists. The reference-free losses (SimPO, ORPO) hold no reference at all.
 
 config.dpo.loss_type: sigmoid (DPO), ipo, robust (use beta, label_smoothing),
 or the reference-free simpo (beta, simpo_gamma) and orpo (orpo_lambda).
@@ -15,6 +22,8 @@ reward metrics, and exact match on the held-out generated tasks.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,39 +39,71 @@ REFERENCE_FREE = ('simpo', 'orpo')
 BATCH_AXES = {k: ('batch', 'length') for k in pairs.side_keys(sft_data.BATCH_KEYS)}
 
 
-def pair_logps(model, params, batch, rng=None):
-  """Summed log-probs [B] and token counts [B] of the chosen and rejected
-  replies: (chosen, rejected, chosen count, rejected count), in one forward pass."""
+def pair_logps(model, params, batch, rng=None, pairs_per_row: int = 1):
+  """Summed log-probs [P] and token counts [P] of the chosen and rejected
+  replies: (chosen, rejected, chosen count, rejected count), in one forward
+  pass. P = rows for one pair per row, rows * pairs_per_row packed (a pair is
+  a segment; research/data/pairs.py); padding pairs get 0 and 0."""
   side = lambda k: pairs.stack_sides(batch, k)
-  logits_2BTV = models.forward(model, params, side('inputs'), side('positions'), side('segment_ids'), rng)
-  mask_2BT = (side('loss_mask') > 0) & (side('segment_ids') > 0)
-  logps_2B, n_2B = losses.sequence_logprobs(logits_2BTV, side('targets'), mask_2BT)
-  B = batch['chosen_inputs'].shape[0]
-  return logps_2B[:B], logps_2B[B:], n_2B[:B], n_2B[B:]
+  seg_2RT = side('segment_ids')
+  logits_2RTV = models.forward(model, params, side('inputs'), side('positions'), seg_2RT, rng)
+  mask_2RT = (side('loss_mask') > 0) & (seg_2RT > 0)
+  if pairs_per_row == 1:  # a sum over each row
+    logps, n = losses.sequence_logprobs(logits_2RTV, side('targets'), mask_2RT)
+  else:  # a sum over each pair's segment
+    mask = mask_2RT.astype(jnp.float32)
+    tok_2RT = losses.token_log_probs(logits_2RTV, side('targets')) * mask
+    logps, n = (pairs.segment_sums(x, seg_2RT, pairs_per_row) for x in (tok_2RT, mask))
+  logps_2P, n_2P = logps.reshape(2, -1), n.reshape(2, -1)  # the chosen rows come first
+  return logps_2P[0], logps_2P[1], n_2P[0], n_2P[1]
+
+
+def _real_or_placeholder(w_P, logps, counts):
+  """The log-probs and counts of real pairs; -1 and 1 for padding, where 0
+  tokens would make the length-normalised losses NaN (0 * NaN is still NaN,
+  in the loss and its gradient)."""
+  return ([jnp.where(w_P > 0, x, -1.0) for x in logps], [jnp.where(w_P > 0, n, 1.0) for n in counts])
 
 
 def make_loss(dpo_cfg):
   """loss(model, params, batch, frozen, rng) for a config.dpo section; reads
-  frozen['reference'] unless the loss is reference-free."""
+  frozen['reference'] unless the loss is reference-free. The loss and metrics
+  are means over the batch's real pairs (padding pairs weigh 0); the weight is
+  their number."""
   c = dpo_cfg
+  S = c.pairs_per_row
+  if c.loss_type == 'simpo':
+    pair_loss = functools.partial(losses.simpo_loss, beta=c.beta, gamma=c.simpo_gamma)
+  elif c.loss_type == 'orpo':
+    pair_loss = functools.partial(losses.orpo_loss, lam=c.orpo_lambda)
+  else:
+    pair_loss = functools.partial(losses.dpo_loss, beta=c.beta, label_smoothing=c.label_smoothing,
+                                  loss_type=c.loss_type)
 
-  def loss(model, params, batch, frozen, rng):
-    pc, pr, nc, nr = pair_logps(model, params, batch, rng)
-    if c.loss_type == 'simpo':
-      value, metrics = losses.simpo_loss(pc, pr, nc, nr, beta=c.beta, gamma=c.simpo_gamma)
-    elif c.loss_type == 'orpo':
-      value, metrics = losses.orpo_loss(pc, pr, nc, nr, lam=c.orpo_lambda)
+  def tail(means, pc, pr, nc, nr, rc, rr):
+    """The loss and metrics from per-pair log-probs [P] (`means`: pairs.over_real_pairs)."""
+    if c.loss_type in REFERENCE_FREE:
+      value, metrics = means.of(pair_loss, pc, pr, nc, nr)
     else:
-      rc, rr, _, _ = pair_logps(model, jax.lax.stop_gradient(frozen['reference']), batch)
-      value, metrics = losses.dpo_loss(pc, pr, rc, rr, beta=c.beta, label_smoothing=c.label_smoothing,
-                                       loss_type=c.loss_type)
+      value, metrics = means.of(pair_loss, pc, pr, rc, rr)
     if c.rpo_alpha > 0:  # RPO: keep the chosen reply likely (Pang et al., 2024)
-      nll = jnp.mean(-pc / jnp.maximum(nc, 1.0))
+      nll = means.mean(-pc / jnp.maximum(nc, 1.0))
       value = value + c.rpo_alpha * nll
       metrics['nll/chosen'] = nll
-    metrics['logps/chosen'] = jnp.mean(pc)
-    metrics['logps/rejected'] = jnp.mean(pr)
-    return value, jnp.float32(pc.shape[0]), metrics
+    metrics['logps/chosen'] = means.mean(pc)
+    metrics['logps/rejected'] = means.mean(pr)
+    return value, metrics
+
+  def loss(model, params, batch, frozen, rng):
+    w_P = pairs.pair_weights(batch, S)
+    pc, pr, nc, nr = pair_logps(model, params, batch, rng, S)
+    if c.loss_type in REFERENCE_FREE:
+      rc = rr = jnp.zeros_like(pc)  # unread
+    else:
+      rc, rr, _, _ = pair_logps(model, jax.lax.stop_gradient(frozen['reference']), batch, None, S)
+    (pc, pr, rc, rr), (nc, nr) = _real_or_placeholder(w_P, (pc, pr, rc, rr), (nc, nr))
+    value, metrics = pairs.over_real_pairs(tail, w_P, pc, pr, nc, nr, rc, rr)
+    return value, jnp.sum(w_P), metrics
   return loss
 
 
@@ -70,13 +111,16 @@ def stage(config) -> Stage:
   """DPO (or a relative, config.dpo.loss_type) on config.data's pairs."""
   if config.dpo.loss_type not in LOSS_TYPES:
     raise UserError(f'config.dpo.loss_type={config.dpo.loss_type!r}; choose one of {LOSS_TYPES}.')
-  d = config.data
+  if config.dpo.pairs_per_row < 1:
+    raise UserError(f'config.dpo.pairs_per_row={config.dpo.pairs_per_row}; use 1 (one pair per row) '
+                    'or more (packed rows).')
+  d, S = config.data, config.dpo.pairs_per_row
   render = lambda tok: pairs.RenderPair(tok, config.seq_len, d.text_key)
   return Stage(
       name='dpo', loss=make_loss(config.dpo), batch_axes=BATCH_AXES,
       train_source=lambda tok: pipeline.GrainSource(pairs.train_dataset(
-          d, render(tok), batch_size=config.batch_size, seed=config.seed)),
+          d, render(tok), batch_size=config.batch_size, seed=config.seed, pairs_per_row=S)),
       eval_batches=lambda tok: pairs.eval_batches(d, render(tok), batch_size=config.batch_size,
-                                                  max_batches=config.eval_batches),
+                                                  max_batches=config.eval_batches, pairs_per_row=S),
       frozen=() if config.dpo.loss_type in REFERENCE_FREE else ('reference',),
       evaluators=evaluation.task_evaluators(d, config.task_eval), prompt_format=chat.CHAT)
