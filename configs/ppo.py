@@ -22,12 +22,18 @@ def get_config(arg=None):
       num_iterations=1,       # optimizer steps per rollout (> 1: the rollout is the old policy)
       max_new_tokens=24, temperature=1.0,
       clip_eps=0.2,
-      kl_coef=0.05,           # -kl_coef (log pi - log ref) per reply token in the reward; 0: no reference held
+      kl_coef=0.1,            # -kl_coef (log pi - log ref) per reply token in the reward; 0: no reference held
       gamma=1.0, lam=0.95,    # GAE
       whiten=True,            # advantages to mean 0, std 1 over the batch's reply tokens
       vf_coef=0.1, value_clip=0.2,
       rewards=('reward_model:runs/reward',), reward_weights=(1.0,),
       eval_samples=0, eval_k=4,  # pass@k and mean@k on the held-out tasks (0 samples: off)
   ))
-  c.model.value_head = 'shared'  # the critic: a [D, 1] layer on the policy's trunk (or 'detached')
+  # The critic: a [D, 1] layer reading the policy's last hidden states without training
+  # them ('shared' lets the value loss train the trunk too), at 100x the learning rate
+  # (a random layer next to a trained trunk); experiments/results/rl.md compares them.
+  c.model.value_head = 'detached'
+  c.optimizer.head_lr_scale = 100.0
+  if args['size'] in ('tiny', 'test'):
+    c.steps, c.eval_every, c.checkpoint_every = 200, 100, 100
   return c
