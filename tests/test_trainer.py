@@ -77,6 +77,13 @@ def test_init_from_and_restore_on_another_mesh(test_config, tmp_path):
   train(test_config(steps=1, init_from=str(src)), warm)
   warm_eval0 = next(r['eval/loss'] for r in read_metrics(str(warm)) if r['step'] == 0)
   assert abs(warm_eval0 - src_eval) < 1e-5
+  # init_step picks an earlier checkpoint the source still keeps (4 of 4 and 6), and names those it has.
+  src_eval4 = [r['eval/loss'] for r in read_metrics(str(src)) if 'eval/loss' in r and r['step'] == 4][-1]
+  train(test_config(steps=1, init_from=str(src), init_step=4), tmp_path / 'warm4')
+  warm4_eval0 = next(r['eval/loss'] for r in read_metrics(str(tmp_path / 'warm4')) if r['step'] == 0)
+  assert abs(warm4_eval0 - src_eval4) < 1e-5 and abs(src_eval4 - src_eval) > 1e-6
+  with pytest.raises(UserError, match=r'no checkpoint of step 2; it has \[4, 6\]'):
+    train(test_config(steps=1, init_from=str(src), init_step=2), tmp_path / 'warm2')
 
 
 def test_config_errors_are_user_errors(test_config):
