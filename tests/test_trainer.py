@@ -1,5 +1,7 @@
 """The shared trainer: mesh equivalence, FSDP shards, accumulation, warm start, restore."""
 
+import os
+
 import jax
 import pytest
 
@@ -84,6 +86,13 @@ def test_init_from_and_restore_on_another_mesh(test_config, tmp_path):
   assert abs(warm4_eval0 - src_eval4) < 1e-5 and abs(src_eval4 - src_eval) > 1e-6
   with pytest.raises(UserError, match=r'no checkpoint of step 2; it has \[4, 6\]'):
     train(test_config(steps=1, init_from=str(src), init_step=2), tmp_path / 'warm2')
+
+
+def test_keep_checkpoints_zero_keeps_every_checkpoint(test_config, tmp_path):
+  train(test_config(steps=3, checkpoint_every=1, keep_checkpoints=0), tmp_path / 'run', devices=jax.devices()[:1])
+  assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['1', '2', '3']
+  with pytest.raises(UserError, match='keep_checkpoints=-1'):
+    make_trainer(test_config(keep_checkpoints=-1))
 
 
 def test_config_errors_are_user_errors(test_config):

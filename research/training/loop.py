@@ -186,7 +186,8 @@ def train(config, workdir: str, stage: Stage, devices=None) -> dict[str, Any]:
   source = stage.train_source(tokenizer)
   eval_data = stage.eval_batches(tokenizer)
 
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  # 0 keeps every checkpoint (orbax's max_to_keep=0 would delete each one as it is written).
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints or None)
   writer = MetricWriter(workdir)
   state, frozen, data_state = init.setup_state(trainer, ckpt)
   start = int(jax.device_get(state.step))

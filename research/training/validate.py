@@ -23,6 +23,9 @@ def validate_run(config, mesh, rules) -> None:
   for key in ('steps', 'batch_size', 'seq_len', 'log_every', 'eval_every', 'checkpoint_every'):
     if int(config[key]) <= 0:
       raise UserError(f'config.{key}={config[key]} must be positive.')
+  if int(config.keep_checkpoints) < 0:
+    raise UserError(f'config.keep_checkpoints={config.keep_checkpoints}: keep the newest N >= 1 checkpoints, '
+                    'or 0 to keep every one.')
   accum = int(config.optimizer.grad_accum_steps)
   if accum <= 0:
     raise UserError(f'config.optimizer.grad_accum_steps={accum} must be positive.')
