@@ -29,7 +29,10 @@ def get_config(arg=None):
   c.dpo = ml_collections.ConfigDict(dict(
       loss_type='sigmoid',  # sigmoid | ipo | robust | simpo | orpo
       beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, orpo_lambda=0.1,
-      rpo_alpha=0.0,  # > 0: add alpha x NLL of the chosen reply (RPO)
+      rpo_alpha=0.0,  # > 0: add alpha x NLL of the chosen reply (RPO), per token, averaged per pair
+      # ipo only. False: h from summed reply log-probs (as before); True: from per-token
+      # averages, as TRL's ipo (1 / (2 beta) is then a margin per token: retune beta).
+      ipo_normalize=False,
       pairs_per_row=1))  # 1: one pair per row, padded; > 1: rows packed with up to that many pairs
   c.task_eval = base.task_eval_config()
   c.sample.prompts = ('What is 12 + 30?', 'Reverse the letters: c o d e')

@@ -62,8 +62,9 @@ def pairwise_accuracy(chosen, rejected):
   return _mean(jnp.where(chosen > rejected, 1.0, jnp.where(chosen == rejected, 0.5, 0.0)))
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = 'sigmoid'):
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             chosen_tokens=None, rejected_tokens=None, *, beta: float = 0.1, label_smoothing: float = 0.0,
+             loss_type: str = 'sigmoid', ipo_normalize: bool = False):
   """Direct Preference Optimization and relatives; returns (batch-mean loss, metrics).
 
   With h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)):
@@ -71,13 +72,31 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
              e = label_smoothing > 0 is conservative DPO (Mitchell, 2023)
     ipo      (h - 1 / (2 beta))^2                                    IPO (Azar et al., 2023)
     robust   (-(1 - e) log sigma(beta h) + e log sigma(-beta h)) / (1 - 2e)
-                                                                     robust DPO (Chowdhury et al., 2024)
-  Implicit rewards: beta (log pi(y) - log ref(y)) for chosen and rejected;
-  metrics hold their means, the fraction with chosen > rejected (ties count
-  one half: see pairwise_accuracy), and the margin.
+                                                                     robust DPO (Chowdhury et al., 2024),
+             for a flip rate 0 <= e < 0.5 (else ValueError: 1 - 2e = 0 at 0.5)
+  The log-probs are sums over each reply's tokens. ipo_normalize=True (ipo only)
+  divides each by its reply's token count (chosen_tokens, rejected_tokens; the
+  reference scores the same tokens) before h, so h is a difference of per-token
+  averages, as TRL's ipo computes it; the target margin 1 / (2 beta) is then in
+  nats per token rather than per reply, so a beta tuned for one form does not
+  carry over to the other. The default, False, keeps sums (earlier runs unchanged).
+  Implicit rewards: beta (log pi(y) - log ref(y)) for chosen and rejected (per-token
+  averages with ipo_normalize); metrics hold their means, the fraction with
+  chosen > rejected (ties count one half: see pairwise_accuracy), and the margin.
   """
-  h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
   e = label_smoothing
+  if loss_type == 'robust' and not 0.0 <= e < 0.5:
+    raise ValueError(f'label_smoothing={e}: robust DPO divides by 1 - 2 label_smoothing; '
+                     'use a flip rate in [0, 0.5)')
+  if ipo_normalize:
+    if loss_type != 'ipo':
+      raise ValueError(f'ipo_normalize applies to loss_type=ipo, not {loss_type!r}')
+    if chosen_tokens is None or rejected_tokens is None:
+      raise ValueError('ipo_normalize needs chosen_tokens and rejected_tokens (reply token counts)')
+    n_c, n_r = jnp.maximum(chosen_tokens, 1.0), jnp.maximum(rejected_tokens, 1.0)
+    policy_chosen_logps, ref_chosen_logps = policy_chosen_logps / n_c, ref_chosen_logps / n_c
+    policy_rejected_logps, ref_rejected_logps = policy_rejected_logps / n_r, ref_rejected_logps / n_r
+  h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
   if loss_type == 'sigmoid':  # written so that h = 0 gives ln 2 exactly, for any e
     losses = -jax.nn.log_sigmoid(beta * h) + e * (jax.nn.log_sigmoid(beta * h) - jax.nn.log_sigmoid(-beta * h))
   elif loss_type == 'ipo':
@@ -98,7 +117,12 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_tokens, reject
                beta: float = 2.0, gamma: float = 0.5):
   """SimPO (Meng et al., 2024), reference-free and length-normalised:
   -log sigma(beta / |y_w| log pi(y_w) - beta / |y_l| log pi(y_l) - gamma).
-  Returns (batch-mean loss, metrics)."""
+  Returns (batch-mean loss, metrics).
+
+  No NLL term here. The DPO stage's rpo_alpha adds one, averaged per sequence
+  (each chosen reply's per-token mean, pairs weighing equally); TRL's CPOTrainer
+  (SimPO with cpo_alpha) averages over all chosen tokens of the batch instead.
+  """
   chosen = beta * policy_chosen_logps / jnp.maximum(chosen_tokens, 1.0)
   rejected = beta * policy_rejected_logps / jnp.maximum(rejected_tokens, 1.0)
   losses = -jax.nn.log_sigmoid(chosen - rejected - gamma)
@@ -107,16 +131,66 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_tokens, reject
                          'rewards/margins': _mean(chosen - rejected)}
 
 
+# ORPO reads per-token averages above this as this. An average of exactly 0 (every
+# reply token certain in float32) has infinite odds; other averages are below about
+# -6e-8 / (reply tokens), since a float32 log-prob is 0 or below about -6e-8, so
+# only those zeros move. At -1e-18 the square of 1 - p that autodiff's quotient
+# rule forms, 1e-36, is still a normal float32; near 1e-20 it underflows to 0 and
+# the gradient becomes inf or NaN.
+_ORPO_MAX_AVG_LOGP = -1e-18
+
+
+def _exp_difference(lo, hi):
+  """exp(lo - hi) for lo <= hi <= 0, to float precision. Rounding lo - hi costs up
+  to half an ulp of the difference (up to 1e-6 relative at a difference of 20), so
+  its rounding error, exact by Fast2Sum since |lo| >= |hi|, is put back."""
+  d = lo - hi
+  return jnp.exp(d) * (1.0 + ((lo - d) - hi))
+
+
+def log_odds_ratio(avg_a, avg_b):
+  """(log_odds, log sigma(log_odds)) with log_odds = log odds(p_a) - log odds(p_b),
+  odds(p) = p / (1 - p), p = exp(avg), for per-token average log-probs avg <= 0.
+
+  Float32 without cancellation: for averages from -1e-7 to -20, ORPO's loss and
+  its gradients w.r.t. the averages are within 1e-6 relative of float64
+  (tests/test_losses.py); every average <= 0 gives finite values and gradients
+  (above -1e-18 counts as -1e-18). No log(1 - p) of each reply is formed, not even
+  a stable one (log1mexp): for a nearly certain reply it is large (-16 at
+  avg = -1e-7), and the float32 roundings of two such logs do not cancel in their
+  difference (up to 2e-6 relative error in the loss, 4e-6 in its gradients).
+  Instead, with hi = max(avg) and lo = min(avg),
+    |log_odds| = (hi - lo) - log(expm1(hi) / expm1(lo))     (two terms of one sign),
+    log sigma(log_odds) = min(log_odds, 0) - log1p(exp(-|log_odds|)),
+  where exp(-|log_odds|) = odds(lo) / odds(hi) = exp(lo - hi) expm1(hi) / expm1(lo)
+  is a product of accurate factors: exp of the rounded |log_odds| would turn its
+  absolute error into relative error (1e-6 at |log_odds| = 10).
+  """
+  a = jnp.minimum(avg_a, _ORPO_MAX_AVG_LOGP)
+  b = jnp.minimum(avg_b, _ORPO_MAX_AVG_LOGP)
+  swap = a < b  # jnp.where, not max/min: their gradient splits ties in halves, wrong here
+  hi, lo = jnp.where(swap, b, a), jnp.where(swap, a, b)
+  q = jnp.expm1(hi) / jnp.expm1(lo)  # (1 - p_hi) / (1 - p_lo), in [1e-18, 1]
+  abs_log_odds = (hi - lo) - jnp.log(q)
+  log_sig = -jnp.where(swap, abs_log_odds, 0.0) - jnp.log1p(_exp_difference(lo, hi) * q)
+  return jnp.where(swap, -abs_log_odds, abs_log_odds), log_sig
+
+
 def orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_tokens, rejected_tokens, *,
               lam: float = 0.1):
   """ORPO (Hong et al., 2024): NLL of the chosen response plus an odds-ratio term,
-    L = -mean_t log pi(y_w) - lam log sigma(log odds(y_w) - log odds(y_l)),
-  with odds(y) = p / (1 - p) and p = exp(per-token average log pi(y)).
-  Returns (batch-mean loss, metrics)."""
+    L = -log pi(y_w) / |y_w| - lam log sigma(log odds(y_w) - log odds(y_l)),
+  with odds(y) = p / (1 - p) and p = exp(per-token average log pi(y)), the odds
+  term computed stably (log_odds_ratio). Returns (batch-mean loss, metrics).
+
+  The NLL term is averaged per sequence: each pair's chosen reply contributes its
+  own per-token mean, and pairs weigh equally. TRL's ORPOTrainer averages over
+  all chosen tokens of the batch (per token: long replies weigh more); the two
+  agree when the chosen replies have equal lengths. TRL's beta is lam here.
+  """
   avg_c = policy_chosen_logps / jnp.maximum(chosen_tokens, 1.0)
   avg_r = policy_rejected_logps / jnp.maximum(rejected_tokens, 1.0)
-  log_odds = (avg_c - avg_r) - (jnp.log1p(-jnp.exp(avg_c)) - jnp.log1p(-jnp.exp(avg_r)))
-  ratio = jax.nn.log_sigmoid(log_odds)
+  log_odds, ratio = log_odds_ratio(avg_c, avg_r)
   nll = -avg_c
   return _mean(nll - lam * ratio), {'nll': _mean(nll), 'log_odds_ratio': _mean(ratio),
                                     'rewards/accuracies': pairwise_accuracy(log_odds, 0.0)}

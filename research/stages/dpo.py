@@ -13,10 +13,16 @@ The reference model is frozen: a copy of the initial parameters, or, with
 LoRA, the same base with the adapters switched off, so only one copy of the
 base exists. The reference-free losses (SimPO, ORPO) hold no reference at all.
 
-config.dpo.loss_type: sigmoid (DPO), ipo, robust (use beta, label_smoothing),
-or the reference-free simpo (beta, simpo_gamma) and orpo (orpo_lambda).
-config.dpo.rpo_alpha > 0 adds alpha x the per-token NLL of the chosen reply (RPO),
-which stops DPO from lowering the likelihood of both replies.
+config.dpo.loss_type: sigmoid (DPO), ipo, robust (use beta, label_smoothing;
+robust needs label_smoothing in [0, 0.5); ipo_normalize: IPO on per-token average
+log-probs, as TRL), or the reference-free simpo (beta, simpo_gamma) and orpo
+(orpo_lambda).
+config.dpo.rpo_alpha > 0 adds alpha x the NLL of the chosen reply (RPO), which
+stops DPO from lowering the likelihood of both replies. Like ORPO's NLL term it is
+averaged per sequence: each chosen reply's NLL per token, then the mean over
+pairs (the RPO paper, too, divides each sequence's NLL by its length). TRL's
+rpo_alpha and cpo_alpha average over all chosen tokens of the batch instead, so
+long replies weigh more there.
 Evaluation logs the held-out loss, eval/rewards/accuracies and the other
 reward metrics, and exact match on the held-out generated tasks.
 """
@@ -78,14 +84,15 @@ def make_loss(dpo_cfg):
     pair_loss = functools.partial(losses.orpo_loss, lam=c.orpo_lambda)
   else:
     pair_loss = functools.partial(losses.dpo_loss, beta=c.beta, label_smoothing=c.label_smoothing,
-                                  loss_type=c.loss_type)
+                                  loss_type=c.loss_type, ipo_normalize=c.ipo_normalize)
+  counts = lambda nc, nr: (nc, nr) if c.ipo_normalize else ()  # normalised IPO reads token counts
 
   def tail(means, pc, pr, nc, nr, rc, rr):
     """The loss and metrics from per-pair log-probs [P] (`means`: pairs.over_real_pairs)."""
     if c.loss_type in REFERENCE_FREE:
       value, metrics = means.of(pair_loss, pc, pr, nc, nr)
     else:
-      value, metrics = means.of(pair_loss, pc, pr, rc, rr)
+      value, metrics = means.of(pair_loss, pc, pr, rc, rr, *counts(nc, nr))
     if c.rpo_alpha > 0:  # RPO: keep the chosen reply likely (Pang et al., 2024)
       nll = means.mean(-pc / jnp.maximum(nc, 1.0))
       value = value + c.rpo_alpha * nll
@@ -111,6 +118,12 @@ def stage(config) -> Stage:
   """DPO (or a relative, config.dpo.loss_type) on config.data's pairs."""
   if config.dpo.loss_type not in LOSS_TYPES:
     raise UserError(f'config.dpo.loss_type={config.dpo.loss_type!r}; choose one of {LOSS_TYPES}.')
+  if config.dpo.loss_type == 'robust' and not 0 <= config.dpo.label_smoothing < 0.5:
+    raise UserError(f'config.dpo.label_smoothing={config.dpo.label_smoothing} with loss_type=robust '
+                    'divides by 1 - 2 x label_smoothing; use a value in [0, 0.5).')
+  if config.dpo.ipo_normalize and config.dpo.loss_type != 'ipo':
+    raise UserError(f'config.dpo.ipo_normalize=True applies to loss_type=ipo, not '
+                    f'{config.dpo.loss_type!r}; set it False or use ipo.')
   if config.dpo.pairs_per_row < 1:
     raise UserError(f'config.dpo.pairs_per_row={config.dpo.pairs_per_row}; use 1 (one pair per row) '
                     'or more (packed rows).')
