@@ -10,6 +10,12 @@
 
 A hook is `Hook(every, fn)` with `fn(run, step)`; `run` (a Run) holds the
 run's parts and its current state, so a hook can read or replace them.
+
+Process 0 holds workdir/.lock for the run's lifetime (research/training/lock.py):
+a second launch on the same workdir fails at once. SIGTERM or SIGINT stops the
+run after the step in flight: that step's metrics are logged, its checkpoint
+is saved and committed, one line says so, and train() returns (the CLI exits
+with status 0); rerunning the same command resumes exactly.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from research.models import count_params
 from research.training import checkpoint as ckpt_lib
 from research.training import init
 from research.training.dry_run import dry_run
+from research.training.lock import WorkdirLock
 from research.training.metrics import MetricWriter, log
 from research.training.stage import Hook, Stage
 from research.training.state import TrainState
@@ -167,13 +174,57 @@ def hooks(config, stage: Stage) -> list[Hook]:
   return out + list(stage.hooks)
 
 
+def _after_preemption(run: Run, step: int, done: list[Hook]) -> None:
+  """Logs `step`'s metrics and saves its checkpoint (unless `done`, the hooks
+  that just ran, did), then waits until the checkpoint is committed."""
+  if not any(h.fn is log_hook for h in done):
+    log_hook(run, step)
+  if not any(h.fn is checkpoint_hook for h in done):
+    checkpoint_hook(run, step)
+  run.ckpt.wait()
+
+
+def _loop(run: Run, start: int, preemption: ckpt_lib.Preemption) -> int | None:
+  """Steps start+1 .. config.steps with the hooks after each; returns the step
+  a preemption stopped it at (saved), or None when every step ran."""
+  config, trainer = run.config, run.trainer
+  after_step = hooks(config, run.stage)
+  run.interval_start = time.time()
+  with trainer.mesh_context():
+    for step in range(start + 1, config.steps + 1):
+      batch = trainer.to_global(run.source.next(run.policy()))
+      run.state, run.metrics = trainer.train_step(run.state, batch, run.frozen)
+      run.interval_steps += 1
+      due = [hook for hook in after_step if hook.due(step, config.steps)]
+      for hook in due:
+        hook_start = time.time()
+        hook.fn(run, step)
+        if hook.fn is not log_hook:  # which restarts the interval itself
+          run.interval_start += time.time() - hook_start  # hooks' time is not training throughput
+      if step < config.steps and preemption.reached(step):
+        _after_preemption(run, step, due)
+        return step
+  return None
+
+
 def train(config, workdir: str, stage: Stage, devices=None) -> dict[str, Any]:
   """Runs (or resumes) `stage` in `workdir`; returns the last metrics (or the dry-run report).
 
   `config` is resolved (init.resolve_config) and `stage` built from it, as
   research/main.py does. `devices` restricts the mesh to a subset of
-  jax.devices() (tests use it to compare meshes in one process).
+  jax.devices() (tests use it to compare meshes in one process). Raises
+  UserError if another run holds the workdir; a dry run neither locks nor
+  creates it. After SIGTERM/SIGINT it returns early, with its last step saved.
   """
+  if config.dry_run:
+    return _train(config, workdir, stage, devices, None)
+  # The lock comes first: nothing may touch a workdir another run owns.
+  with WorkdirLock(workdir), ckpt_lib.Preemption() as preemption:
+    return _train(config, workdir, stage, devices, preemption)
+
+
+def _train(config, workdir: str, stage: Stage, devices, preemption) -> dict[str, Any]:
+  """train() inside the workdir lock and the signal handlers."""
   trainer = Trainer(config, stage, devices)
   log(f'model: {count_params(trainer.layout.abstract) / 1e6:.2f}M parameters | mesh '
       f'{dict(trainer.mesh.shape)} | {jax.device_count()} devices, {jax.process_count()} processes')
@@ -208,21 +259,12 @@ def train(config, workdir: str, stage: Stage, devices=None) -> dict[str, Any]:
     writer.write(0, run.last)
     log(f'step 0 | {_eval_summary(run.last)}')
 
-  after_step = hooks(config, stage)
   t_start = time.time()
-  run.interval_start = time.time()
-  with trainer.mesh_context():
-    for step in range(start + 1, config.steps + 1):
-      batch = trainer.to_global(source.next(run.policy()))
-      run.state, run.metrics = trainer.train_step(run.state, batch, run.frozen)
-      run.interval_steps += 1
-      for hook in after_step:
-        if hook.due(step, config.steps):
-          hook_start = time.time()
-          hook.fn(run, step)
-          if hook.fn is not log_hook:  # which restarts the interval itself
-            run.interval_start += time.time() - hook_start  # hooks' time is not training throughput
+  stopped = _loop(run, start, preemption)
   ckpt.close()
   writer.close()
-  log(f'done: {config.steps - start} steps in {_fmt_time(time.time() - t_start)}')
+  if stopped is not None:
+    log(f'preempted at step {stopped}: saved; rerun the same command to resume')
+  else:
+    log(f'done: {config.steps - start} steps in {_fmt_time(time.time() - t_start)}')
   return run.last
