@@ -22,7 +22,7 @@ def get_config(arg=None):
       num_iterations=1,       # optimizer steps per rollout (> 1: the rollout is the old policy)
       max_new_tokens=24, temperature=1.0,
       clip_eps=0.2,
-      kl_coef=0.1,            # -kl_coef (log pi - log ref) per reply token in the reward; 0: no reference held
+      kl_coef=0.5,            # -kl_coef (log pi - log ref) per reply token in the reward; 0: no reference held
       gamma=1.0, lam=0.95,    # GAE
       whiten=True,            # advantages to mean 0, std 1 over the batch's reply tokens
       vf_coef=0.1, value_clip=0.2,

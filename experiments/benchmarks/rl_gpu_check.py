@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import grpo as grpo_config
-from research import losses, models, sampling
+from research import losses, models, rl, sampling
 from research.stages import grpo
 from research.training import step as step_lib
 from research.training.optimizer import make_optimizer
@@ -93,7 +93,7 @@ def main() -> None:
   batch = {'inputs': seq[:, :-1], 'targets': seq[:, 1:], 'segment_ids': np.asarray(out['segment_ids'])[:, :-1],
            'positions': np.asarray(out['positions'])[:, :-1], 'loss_mask': loss_mask, 'old_logps': old,
            'advantages': adv}
-  ref_fn = jax.jit(lambda p, b: grpo.token_logps(model, p, b, 1.0))
+  ref_fn = jax.jit(lambda p, b: rl.token_logps(model, p, b, 1.0))
   _, _, ref_s = timed(ref_fn, params, batch)
   tx, schedule = make_optimizer(c.optimizer, c.steps)
   frozen = {'reference': params}

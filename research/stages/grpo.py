@@ -21,12 +21,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from research import evaluation, losses, models, rewards, sampling
+from research import losses, rl
 from research.data import chat
-from research.data import sft as sft_data
-from research.errors import UserError
-from research.rollouts import RolloutSettings, RolloutSource
-from research.training.metrics import log
+from research.rollouts import RolloutSource
 from research.training.stage import Hook, Stage
 
 BATCH_AXES = {**{k: ('batch', 'length') for k in ('inputs', 'targets', 'segment_ids', 'positions',
@@ -35,40 +32,16 @@ BATCH_AXES = {**{k: ('batch', 'length') for k in ('inputs', 'targets', 'segment_
 BATCH_DTYPES = {'old_logps': 'float32', 'advantages': 'float32'}
 
 
-def scaled_logits(model, params, batch, temperature: float, rng=None):
-  """Logits [B, T, V] of the training forward pass divided by the sampling
-  temperature: the distribution the rollout sampled from."""
-  logits = models.forward(model, params, batch['inputs'], batch['positions'], batch['segment_ids'], rng)
-  return logits / temperature if temperature > 0 else logits
-
-
-def token_logps(model, params, batch, temperature: float, rng=None):
-  """log p [B, T] of each target token at `temperature` (the sampling distribution)."""
-  return losses.token_log_probs(scaled_logits(model, params, batch, temperature, rng), batch['targets'])
-
-
-def policy_metrics(logits_BTV, logps_BT, batch) -> dict:
-  """The policy's entropy (nats per reply token, at the sampling temperature) and
-  the sampler-versus-trainer log-probability difference (max and mean over reply
-  tokens): on a rollout's first step the parameters are equal, so the difference
-  is the mismatch of the two code paths."""
-  m = batch['loss_mask'].astype(jnp.float32)
-  n = jnp.maximum(jnp.sum(m), 1.0)
-  diff = jnp.abs(jax.lax.stop_gradient(logps_BT) - batch['old_logps']) * m
-  entropy = losses.token_entropy(jax.lax.stop_gradient(logits_BTV))
-  return {'entropy': jnp.sum(entropy * m) / n, 'logp_diff/max': jnp.max(diff), 'logp_diff/mean': jnp.sum(diff) / n}
-
-
 def make_loss(g):
   """loss(model, params, batch, frozen, rng) for a config.grpo section."""
 
   def loss(model, params, batch, frozen, rng):
     mask = batch['loss_mask']
-    logits = scaled_logits(model, params, batch, g.temperature, rng)
+    logits = rl.scaled_logits(model, params, batch, g.temperature, rng)
     logps = losses.token_log_probs(logits, batch['targets'])
     ref = None
     if 'reference' in frozen:
-      ref = token_logps(model, jax.lax.stop_gradient(frozen['reference']), batch, g.temperature)
+      ref = rl.token_logps(model, jax.lax.stop_gradient(frozen['reference']), batch, g.temperature)
     value, metrics = losses.policy_loss(
         logps, batch['old_logps'], batch['advantages'], mask, ref_logps_BT=ref, beta=g.beta, kl=g.kl,
         clip_eps=g.clip_eps, clip_eps_high=g.clip_eps_high or None, importance=g.importance,
@@ -79,119 +52,20 @@ def make_loss(g):
     else:  # per-sequence means: weigh by the rows that hold a reply (zero-weight rows do not count)
       rows = jnp.sum(jnp.max(m, axis=-1))
       value, weight = value * m.shape[0] / jnp.maximum(rows, 1.0), rows
-    metrics.update(policy_metrics(logits, logps, batch))
+    metrics.update(rl.policy_metrics(logits, logps, batch))
     return value, weight, metrics
   return loss
-
-
-def validate(config, g, *, min_group: int = 2) -> int:
-  """The prompt length; a UserError for a config (section `g`: config.grpo or
-  config.ppo) that cannot run."""
-  section = config.stage
-  prompt_len = config.seq_len - g.max_new_tokens
-  checks = [
-      (prompt_len >= 8, f'config.seq_len={config.seq_len} leaves {prompt_len} prompt tokens after '
-                        f'{section}.max_new_tokens={g.max_new_tokens}; raise seq_len.'),
-      (g.num_generations >= min_group and config.batch_size % g.num_generations == 0,
-       f'config.batch_size={config.batch_size} must be a multiple of {section}.num_generations='
-       f'{g.num_generations} (>= {min_group}): each row is one reply.'),
-      (g.temperature > 0, f'{section}.temperature={g.temperature}: sampling needs a temperature > 0.'),
-      (config.checkpoint_every % g.num_iterations == 0 and config.steps % g.num_iterations == 0,
-       f'config.checkpoint_every and steps must be multiples of {section}.num_iterations={g.num_iterations} '
-       '(a checkpoint falls between rollouts, so resume is exact).'),
-      (len(g.rewards) == len(g.reward_weights) and g.rewards,
-       f'{section}.rewards {tuple(g.rewards)} and {section}.reward_weights {tuple(g.reward_weights)} '
-       'need one weight each.'),
-  ]
-  for ok, message in checks:
-    if not ok:
-      raise UserError(message)
-  return prompt_len
-
-
-def log_rollout(run, step: int) -> None:
-  """Writes the latest rollout's host-side metrics as rollout/<name>."""
-  metrics = {f'rollout/{k}': v for k, v in run.source.metrics.items()}
-  if metrics:
-    run.writer.write(step, metrics)
-    run.last.update(metrics)
-    spread = metrics.get('rollout/groups/zero_spread')
-    log(f'  rollout | reward {metrics["rollout/reward/mean"]:.3f} | length '
-        f'{metrics["rollout/completion/length"]:.1f}'
-        + ('' if spread is None else f' | zero-spread groups {spread:.2f}')
-        + f" | {metrics['rollout/tokens_per_sec']:,.0f} tok/s sampled")
-
-
-def rollout_settings(config, g, prompt_len: int, **overrides) -> RolloutSettings:
-  """How a stage with section `g` samples (RolloutSettings from its fields)."""
-  fields = dict(prompts_per_step=config.batch_size // g.num_generations, group_size=g.num_generations,
-                prompt_len=prompt_len, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                seed=config.seed, iterations=g.num_iterations)
-  return RolloutSettings(**{**fields, **overrides})
-
-
-def rollout_source(config, g, prompt_len: int, tokenizer, make_source):
-  """The prompt stream of config.data, the checked reward functions of `g`, and
-  `make_source(prompts, reward_fns, reward_weights)` on them."""
-  prompts = sft_data.prompt_stream(config.data, tokenizer, max_len=prompt_len, seed=config.seed)
-  fns = {spec: rewards.resolve(spec, max_tokens=g.max_new_tokens, overlong_buffer=g.get('overlong_buffer', 0))
-         for spec in g.rewards}
-  probe = next(iter(prompts))  # the reward contract, checked once on a real row
-  sample = rewards.Sample(probe['messages'], '', (), probe['row'], False)
-  for spec, fn in fns.items():
-    rewards.check_contract(fn, spec, [sample])
-  return make_source(prompts, fns, dict(zip(g.rewards, g.reward_weights)))
-
-
-def rl_evaluators(config, g) -> tuple:
-  """Greedy exact match per family, pass@k / mean@k at the training temperature
-  (g.eval_samples > 0), and each learned reward's mean score of greedy replies."""
-  t, d = config.task_eval, config.data
-  evaluators = evaluation.task_evaluators(d, t)
-  if t.exact_match and g.eval_samples > 0:
-    evaluators += (evaluation.PassAtK(d, n=g.eval_samples, k=g.eval_k, temperature=g.temperature,
-                                      examples=t.examples, max_new_tokens=t.max_new_tokens, seed=config.seed),)
-  for spec in g.rewards:
-    name, _, workdir = spec.partition(':')
-    if name == 'reward_model':
-      evaluators += (evaluation.RewardModelScore(d, workdir, t.examples, t.max_new_tokens),)
-  return evaluators
-
-
-def rollout_plan(settings: RolloutSettings):
-  """trainer -> the rollout's memory for the dry run: its KV cache (analytic: 2 x
-  layers x rows x (prompt + new tokens) x kv heads x head dim, at the compute
-  dtype; rows = prompts x replies, replicated) and the compiled sampler's
-  temporaries (XLA's memory analysis of sampling.rollout on abstract inputs)."""
-
-  def plan(trainer) -> dict[str, int]:
-    s, cfg = settings, trainer.model.cfg
-    prompts = s.prompts_per_step * s.oversample
-    rows, length = prompts * s.group_size, s.prompt_len + s.max_new_tokens
-    cache = 2 * cfg.n_layers * rows * length * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-    with trainer.mesh_context():
-      compiled = sampling.rollout.lower(
-          trainer.model, trainer.layout.abstract, ints(prompts, s.prompt_len), ints(prompts, s.prompt_len),
-          ints(prompts, s.prompt_len), jax.ShapeDtypeStruct((2,), jnp.uint32), ints(2),
-          max_new_tokens=s.max_new_tokens, n=s.group_size, temperature=s.temperature).compile()
-    mem = compiled.memory_analysis()
-    out = {'rollout_kv_cache': int(cache)}  # part of the sampler's temporaries
-    if mem is not None:
-      out['rollout_temp'] = int(mem.temp_size_in_bytes)
-    return out
-  return plan
 
 
 def stage(config) -> Stage:
   """GRPO (or a relative, configs/grpo.py:algo=...) on config.data's prompts."""
   g = config.grpo
-  prompt_len = validate(config, g)
-  settings = rollout_settings(config, g, prompt_len, advantage=g.advantage, scale=g.scale,
+  prompt_len = rl.validate(config, g)
+  settings = rl.rollout_settings(config, g, prompt_len, advantage=g.advantage, scale=g.scale,
                               mask_truncated=g.mask_truncated, oversample=g.oversample)
 
   def train_source(tokenizer):
-    return rollout_source(config, g, prompt_len, tokenizer,
+    return rl.rollout_source(config, g, prompt_len, tokenizer,
                           lambda prompts, fns, weights: RolloutSource(prompts, tokenizer, settings, fns, weights))
 
   def eval_batches(tokenizer):
@@ -200,6 +74,6 @@ def stage(config) -> Stage:
 
   return Stage(name='grpo', loss=make_loss(g), batch_axes=BATCH_AXES, batch_dtypes=BATCH_DTYPES,
                train_source=train_source, eval_batches=eval_batches,
-               frozen=('reference',) if g.beta > 0 else (), evaluators=rl_evaluators(config, g),
-               prompt_format=chat.CHAT, hooks=(Hook(config.log_every, log_rollout),),
-               plan=rollout_plan(settings))
+               frozen=('reference',) if g.beta > 0 else (), evaluators=rl.evaluators(config, g),
+               prompt_format=chat.CHAT, hooks=(Hook(config.log_every, rl.log_rollout),),
+               plan=rl.rollout_plan(settings))

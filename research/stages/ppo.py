@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from research import losses, models
+from research import losses, models, rl
 from research.data import chat
 from research.errors import UserError
 from research.rollouts import CriticSettings, PPOSource
-from research.stages import grpo
 from research.training.stage import Hook, Stage
 
 BATCH_AXES = {k: ('batch', 'length') for k in ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask',
@@ -52,7 +51,7 @@ def make_loss(p):
     vf = losses.value_loss(values, batch['old_values'], batch['returns'], mask, clip_eps=p.value_clip)
     m = mask.astype(jnp.float32)
     n = jnp.maximum(jnp.sum(m), 1.0)
-    metrics.update(grpo.policy_metrics(logits, logps, batch))
+    metrics.update(rl.policy_metrics(logits, logps, batch))
     metrics.pop('kl')  # the KL is in the rewards: rollout/kl/sequence
     metrics.update({'policy_loss': pg, 'value_loss': vf, 'values/mean': jnp.sum(values * m) / n})
     return pg + p.vf_coef * vf, jnp.sum(m), metrics
@@ -65,17 +64,17 @@ def stage(config) -> Stage:
   if config.model.value_head == 'none':
     raise UserError("stage ppo needs a critic: set config.model.value_head='shared' or 'detached' "
                     '(configs/ppo.py does).')
-  prompt_len = grpo.validate(config, p, min_group=1)
-  settings = grpo.rollout_settings(config, p, prompt_len)
+  prompt_len = rl.validate(config, p, min_group=1)
+  settings = rl.rollout_settings(config, p, prompt_len)
   critic = CriticSettings(kl_coef=p.kl_coef, gamma=p.gamma, lam=p.lam, whiten=p.whiten)
 
   def train_source(tokenizer):
-    return grpo.rollout_source(
+    return rl.rollout_source(
         config, p, prompt_len, tokenizer,
         lambda prompts, fns, weights: PPOSource(prompts, tokenizer, settings, fns, weights, critic))
 
   return Stage(name='ppo', loss=make_loss(p), batch_axes=BATCH_AXES, batch_dtypes=BATCH_DTYPES,
                train_source=train_source, eval_batches=lambda tokenizer: [],
-               frozen=('reference',) if p.kl_coef > 0 else (), evaluators=grpo.rl_evaluators(config, p),
-               prompt_format=chat.CHAT, hooks=(Hook(config.log_every, grpo.log_rollout),),
-               plan=grpo.rollout_plan(settings))
+               frozen=('reference',) if p.kl_coef > 0 else (), evaluators=rl.evaluators(config, p),
+               prompt_format=chat.CHAT, hooks=(Hook(config.log_every, rl.log_rollout),),
+               plan=rl.rollout_plan(settings))
