@@ -262,7 +262,7 @@ class PPOSource(RolloutSource):
 
   def _advantages(self, policy, batch: dict, reward_N: np.ndarray, row_weight: np.ndarray) -> dict:
     c = self.critic
-    reference = (policy.frozen or {}).get('reference') if c.kl_coef > 0 else None
+    reference = policy.frozen_views().get('reference') if c.kl_coef > 0 and policy.frozen_views else None
     values_BT, ref_BT = values_and_reference_logps(
         policy.model, policy.params, reference,
         {k: batch[k] for k in ('inputs', 'targets', 'positions', 'segment_ids')}, self.s.temperature)

@@ -19,7 +19,7 @@ Decoding with the cache gives the same logits as a full forward pass.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,13 +32,14 @@ _BUCKET = 16
 
 class Policy(NamedTuple):
   """A model and the parameters to run it with: during training, the current
-  (full: LoRA base and adapters) parameters, and the frozen trees the stage's
-  loss reads by name ({'reference': ...}; a LoRA run's reference is the base with
-  adapters off). Batch sources and evaluators get one."""
+  (full: LoRA base and adapters) parameters, and `frozen_views()`, the frozen
+  trees the stage's loss reads by name ({'reference': ...}). It is a function so
+  that only a source that reads them pays for them (a LoRA run's reference is the
+  base with zeroed adapters, built on call). Batch sources and evaluators get one."""
 
   model: Any
   params: Any
-  frozen: Any = None
+  frozen_views: Callable[[], dict] | None = None
 
 
 def _filtered_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:

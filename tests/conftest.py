@@ -136,7 +136,7 @@ def step_with_accumulation(make_config, batch_fn, accums=(1, 4)):
   from research.training import init
   trainers = [make_trainer(make_config(optimizer__grad_accum_steps=a), jax.devices()[:1]) for a in accums]
   state, frozen, _ = init.setup_state(trainers[0], None)
-  batch = batch_fn(sampling.Policy(trainers[0].model, state.params, frozen))
+  batch = batch_fn(sampling.Policy(trainers[0].model, state.params, lambda: frozen))
   outs = []
   for t in trainers:
     s, f, _ = init.setup_state(t, None)

@@ -54,7 +54,7 @@ def test_value_head_leaves_the_logits_alone():
 def critic_policy():
   model = Model(dataclasses.replace(CFG, value_head='shared'))
   params = init_params(model)
-  return sampling.Policy(model, params, {'reference': params})
+  return sampling.Policy(model, params, lambda: {'reference': params})
 
 
 def _ppo_source(tok, test_config, critic: CriticSettings, prompts_per_step=3):

@@ -21,6 +21,7 @@ with status 0); rerunning the same command resumes exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any
@@ -65,7 +66,7 @@ class Run:
   def policy(self) -> sampling.Policy:
     """The model with the current full parameters (valid until the next step donates them)."""
     return sampling.Policy(self.trainer.model, full_params(self.state.params, self.frozen),
-                           loss_views(self.state.params, self.frozen, self.stage.frozen))
+                           functools.partial(loss_views, self.state.params, self.frozen, self.stage.frozen))
 
 
 def _fmt_time(seconds: float) -> str:
