@@ -123,6 +123,8 @@ def base_config(stage: str, size: str, family: str = 'llama') -> ml_collections.
   c.eval_batches = 4
   c.checkpoint_every = 200
   c.keep_checkpoints = 2  # the newest N; 0 keeps every checkpoint
+  c.checkpoint_fallback = True  # resume from the previous checkpoint if the newest is damaged
+  c.allow_changes = ''  # fields a resume may change anyway, e.g. 'optimizer.lr' (research/training/resume.py)
   c.init_from = ''  # another run's workdir: warm-start its parameters
   c.init_step = 0   # ... from this checkpoint of it (0: the latest)
   c.dry_run = False
@@ -138,6 +140,7 @@ def base_config(stage: str, size: str, family: str = 'llama') -> ml_collections.
       lr=lr, warmup_steps=min(100, max(1, steps // 10)), decay='cosine',  # cosine | linear | constant
       min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
       grad_accum_steps=1,
+      max_skipped_steps=10,  # stop after this many non-finite steps in a row (each one skipped)
       head_lr_scale=1.0))  # learning-rate multiplier of new heads (reward score, PPO value)
 
   # Mesh axis sizes; one may be -1 to take the remaining devices.

@@ -6,9 +6,9 @@ eval/<name>); `metrics` holds what evaluation has computed so far (eval/loss,
 ...). Evaluators load their own data, once.
 
 * `perplexity`: exp(eval/loss), for stages whose loss is a token cross-entropy.
-* `ExactMatch`: greedy answers to the held-out generated tasks (sft_tasks).
+* `GreedyTaskEval`: greedy answers to the held-out generated tasks (sft_tasks),
+  scored by exact match and by reward models.
 * `PassAtK`: pass@k and mean@n of sampled answers to them.
-* `RewardModelScore`: a reward model's mean score of the greedy answers.
 
 Preference accuracy is a metric of the DPO and reward losses themselves
 (eval/rewards/accuracies, eval/accuracy); experiments/preference_breakdown.py
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -43,23 +44,28 @@ def greedy_replies(model, params, tokenizer: Tokenizer, rows: list[dict], *, max
   for i in range(0, len(prompts), batch_size):
     chunk = prompts[i:i + batch_size]
     padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
-    outs = sampling.generate(model, params, padded, max_new_tokens=max_new_tokens,
-                             stop_tokens=stops, pad_id=tokenizer.pad_id)[:len(chunk)]
+    outs = sampling.generate(model, params, padded, max_new_tokens=max_new_tokens, stop_tokens=stops,
+                             pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)[:len(chunk)]
     replies += [tokenizer.decode([t for t in out if t not in stops]) for out in outs]
   return replies
 
 
-def exact_match(model, params, tokenizer: Tokenizer, rows: list[dict], *, max_new_tokens: int = 24,
-                batch_size: int = 128) -> dict[str, float]:
-  """Fraction of rows whose greedy reply equals row['answer'] (stripped), overall
+def exact_match_of(replies: list[str], rows: list[dict]) -> dict[str, float]:
+  """Fraction of `replies` equal to their row's answer (stripped), overall
   ('exact_match') and per family ('exact_match/<family>')."""
-  replies = greedy_replies(model, params, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
   correct = [text.strip() == row['answer'].strip() for text, row in zip(replies, rows)]
   result = {'exact_match': float(np.mean(correct))}
   for family in sorted({r['family'] for r in rows}):
     hits = [c for c, r in zip(correct, rows) if r['family'] == family]
     result[f'exact_match/{family}'] = float(np.mean(hits))
   return result
+
+
+def exact_match(model, params, tokenizer: Tokenizer, rows: list[dict], *, max_new_tokens: int = 24,
+                batch_size: int = 128) -> dict[str, float]:
+  """exact_match_of the greedy replies to `rows`."""
+  replies = greedy_replies(model, params, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+  return exact_match_of(replies, rows)
 
 
 def task_rows(data_cfg, examples: int = 0) -> list[dict]:
@@ -85,39 +91,44 @@ class _TaskEvaluator:
     return self._rows
 
 
-class ExactMatch(_TaskEvaluator):
-  """Evaluator: exact match of greedy answers on the held-out generated tasks."""
+class GreedyTaskEval(_TaskEvaluator):
+  """Evaluator: greedy replies to the held-out generated tasks, generated once and
+  scored by exact match (exact_match, exact_match/<family>) and by each reward
+  model in `reward_models` (workdirs of reward runs): its mean score of the
+  replies, logged as reward_model/score (one model) or reward_model/score/<dir
+  name> (several). Online RL against a reward model should raise that score;
+  exact match tells whether the raise is real."""
 
-  def __call__(self, policy, tokenizer: Tokenizer, metrics: dict) -> dict[str, float]:
-    del metrics
-    return exact_match(policy.model, policy.params, tokenizer, self.rows, max_new_tokens=self.max_new_tokens)
-
-
-class RewardModelScore(_TaskEvaluator):
-  """Evaluator: the mean score a trained reward model gives the greedy replies to
-  the held-out tasks (logged as reward_model/score; online RL against that model
-  should raise it, and exact match tells whether the raise is real)."""
-
-  def __init__(self, data_cfg, workdir: str, examples: int = 0, max_new_tokens: int = 24):
+  def __init__(self, data_cfg, examples: int = 0, max_new_tokens: int = 24, *, exact_match: bool = True,
+               reward_models: tuple[str, ...] = ()):
     super().__init__(data_cfg, examples, max_new_tokens)
-    self.workdir = workdir
+    self.exact_match, self.reward_models = exact_match, tuple(reward_models)
 
   def __call__(self, policy, tokenizer: Tokenizer, metrics: dict) -> dict[str, float]:
     del metrics
-    from research.rewards import shared_reward_model  # pylint: disable=import-outside-toplevel
-    # The stage's reward function loaded this model before the loop entered its
-    # mesh (loading builds a mesh of its own); this is the same object.
-    rm = shared_reward_model(self.workdir)
     replies = greedy_replies(policy.model, policy.params, tokenizer, self.rows, max_new_tokens=self.max_new_tokens)
-    convos = [chat.history(r['messages']) + [{'role': 'assistant', 'content': text}]
-              for r, text in zip(self.rows, replies)]
-    return {'reward_model/score': float(np.mean(rm.score(convos)))}
+    result = exact_match_of(replies, self.rows) if self.exact_match else {}
+    if self.reward_models:
+      from research.rewards import shared_reward_model  # pylint: disable=import-outside-toplevel
+      convos = [chat.history(r['messages']) + [{'role': 'assistant', 'content': text}]
+                for r, text in zip(self.rows, replies)]
+      for workdir in self.reward_models:
+        # The stage's reward function loaded this model before the loop entered its
+        # mesh (loading builds a mesh of its own); this is the same object.
+        name = 'reward_model/score' + ('' if len(self.reward_models) == 1 else f'/{os.path.basename(workdir)}')
+        result[name] = float(np.mean(shared_reward_model(workdir).score(convos)))
+    return result
 
 
-def task_evaluators(data_cfg, task_eval_cfg) -> tuple:
-  """(ExactMatch,) on the held-out generated tasks when task_eval.exact_match, else ()."""
+def task_evaluators(data_cfg, task_eval_cfg, reward_models: tuple[str, ...] = ()) -> tuple:
+  """One GreedyTaskEval on the held-out generated tasks: exact match when
+  task_eval.exact_match, and the score of each reward model in `reward_models`
+  (from the same replies); () when there is nothing to score."""
   t = task_eval_cfg
-  return (ExactMatch(data_cfg, t.examples, t.max_new_tokens),) if t.exact_match else ()
+  if not t.exact_match and not reward_models:
+    return ()
+  return (GreedyTaskEval(data_cfg, t.examples, t.max_new_tokens, exact_match=t.exact_match,
+                         reward_models=reward_models),)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -144,7 +155,8 @@ class PassAtK(_TaskEvaluator):
     tokens, segs, pos = sampling.left_pad(prompts, tokenizer.pad_id)
     out = sampling.rollout(policy.model, policy.params, tokens, segs, pos, jax.random.PRNGKey(self.seed),
                            np.asarray(stops, np.int32), max_new_tokens=self.max_new_tokens, n=self.n,
-                           temperature=self.temperature, pad_id=tokenizer.pad_id)
+                           temperature=self.temperature, pad_id=tokenizer.pad_id,
+                           vocab_limit=tokenizer.vocab_size)
     ids, mask = np.asarray(out['tokens']), np.asarray(out['mask'])
     correct = np.asarray([tokenizer.decode([t for t, m in zip(i, mk) if m and t not in stops]).strip()
                           == self.rows[j // self.n]['answer'].strip()

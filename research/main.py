@@ -7,11 +7,13 @@ Multi-host: JAX detects TPU pods, SLURM and similar clusters by itself; for an
 explicit launch give every process the same --coordinator_address and
 --num_processes, and its own --process_id.
 
-User errors (config, environment, data) print one line and exit with status 2.
+User errors (config, environment, data) print one line and exit with status 2;
+so do OS errors the user fixes (a full disk, a read-only workdir).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -75,6 +77,24 @@ def main(argv):
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except OSError as e:
+    message = environment_error(e)
+    if message is None:
+      raise
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def environment_error(e: OSError) -> str | None:
+  """One line for an OSError the user fixes (a full disk, a read-only or
+  forbidden path) that no layer below turned into a UserError; else None."""
+  if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    fix = 'free some space or use another --workdir'
+  elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    fix = 'check its permissions or use another --workdir'
+  else:
+    return None
+  return f'{e.filename or "writing in the workdir"}: {e.strerror}; {fix}.'
 
 
 def parse_flags(argv):

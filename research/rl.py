@@ -17,11 +17,20 @@ from research.rollouts import RolloutSettings
 from research.training.metrics import log
 
 
+def sampler_logits(logits_BTV, batch, temperature: float):
+  """`logits_BTV` as the rollout sampled from them: divided by the sampling
+  temperature, ids >= batch['vocab_limit'] (per row: the tokenizer's size, which
+  the sampler never draws past; absent: no mask) at -inf-ish. Masking the same
+  ids as the sampler keeps the trainer's log-probs (and the ratio) on its distribution."""
+  logits = logits_BTV / temperature if temperature > 0 else logits_BTV
+  return sampling.mask_vocab(logits, batch.get('vocab_limit'))
+
+
 def scaled_logits(model, params, batch, temperature: float, rng=None):
-  """Logits [B, T, V] of the training forward pass divided by the sampling
-  temperature: the distribution the rollout sampled from."""
+  """Logits [B, T, V] of the training forward pass at the sampling temperature,
+  over the ids the sampler draws from (`sampler_logits`)."""
   logits = models.forward(model, params, batch['inputs'], batch['positions'], batch['segment_ids'], rng)
-  return logits / temperature if temperature > 0 else logits
+  return sampler_logits(logits, batch, temperature)
 
 
 def token_logps(model, params, batch, temperature: float, rng=None):
@@ -104,14 +113,11 @@ def evaluators(config, g) -> tuple:
   """Greedy exact match per family, pass@k / mean@k at the training temperature
   (g.eval_samples > 0), and each learned reward's mean score of greedy replies."""
   t, d = config.task_eval, config.data
-  out = evaluation.task_evaluators(d, t)
+  reward_models = tuple(spec.partition(':')[2] for spec in g.rewards if spec.partition(':')[0] == 'reward_model')
+  out = evaluation.task_evaluators(d, t, reward_models)  # one set of greedy replies for both
   if t.exact_match and g.eval_samples > 0:
     out += (evaluation.PassAtK(d, n=g.eval_samples, k=g.eval_k, temperature=g.temperature,
                                examples=t.examples, max_new_tokens=t.max_new_tokens, seed=config.seed),)
-  for spec in g.rewards:
-    name, _, workdir = spec.partition(':')
-    if name == 'reward_model':
-      out += (evaluation.RewardModelScore(d, workdir, t.examples, t.max_new_tokens),)
   return out
 
 

@@ -13,6 +13,8 @@ The batch it returns holds, per row (one reply), the whole sequence and
     loss_mask   [batch, length]  1 on the reply's target tokens (0 for a zero-weight row)
     old_logps   [batch, length]  the sampler's log-probabilities of those tokens
     advantages  [batch]
+    vocab_limit [batch]          the tokenizer's size: the sampler draws only ids
+                                 below it, and the loss masks the rest the same way
 
 With `iterations` > 1 the same rollout serves that many optimizer steps (its
 log-probabilities are then the "old policy" of the clipped ratio).
@@ -123,7 +125,7 @@ class RolloutSource:
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s.seed), 2), self.rollouts)
     out = sampling.rollout(policy.model, policy.params, tokens, segs, pos, rng, self.stop_ids,
                            max_new_tokens=s.max_new_tokens, n=s.group_size, temperature=s.temperature,
-                           pad_id=self.tokenizer.pad_id)
+                           pad_id=self.tokenizer.pad_id, vocab_limit=self.tokenizer.vocab_size)
     return {k: _host(v) for k, v in out.items()}
 
   def _score(self, prompts: list[dict], out: dict) -> tuple[np.ndarray, dict]:
@@ -192,7 +194,8 @@ class RolloutSource:
     old_logps = np.zeros((B, L - 1), np.float32)
     old_logps[:, P - 1:] = out['logps'][rows]
     return {'inputs': seq[:, :-1], 'targets': seq[:, 1:], 'segment_ids': seg[:, :-1],
-            'positions': pos[:, :-1], 'loss_mask': loss_mask, 'old_logps': old_logps * loss_mask}
+            'positions': pos[:, :-1], 'loss_mask': loss_mask, 'old_logps': old_logps * loss_mask,
+            'vocab_limit': np.full((B,), self.tokenizer.vocab_size, np.int32)}
 
   def _metrics(self, prompts, out, reward_N, values, spread, row_weight) -> dict:
     """Host-side metrics of one rollout (rewards overall, per function and per task family)."""
@@ -226,13 +229,15 @@ class CriticSettings:
 @functools.partial(jax.jit, static_argnames=('model', 'temperature'))
 def values_and_reference_logps(model, params, reference, batch: dict, temperature: float):
   """(the critic's values [B, T] at `params`, log p [B, T] of the targets under
-  `reference` at `temperature`, or None without a reference)."""
+  `reference` at `temperature` over ids < batch['vocab_limit'] (the sampler's
+  support), or None without a reference)."""
   _, values_BT = models.forward_with_values(model, params, batch['inputs'], batch['positions'],
                                             batch['segment_ids'])
   if reference is None:
     return values_BT, None
   ref_logits = models.forward(model, reference, batch['inputs'], batch['positions'], batch['segment_ids'])
-  return values_BT, losses.token_log_probs(ref_logits / temperature, batch['targets'])
+  ref_logits = sampling.mask_vocab(ref_logits / temperature, batch.get('vocab_limit'))
+  return values_BT, losses.token_log_probs(ref_logits, batch['targets'])
 
 
 def token_rewards(score_B: np.ndarray, logps_BT: np.ndarray, ref_logps_BT: np.ndarray | None,
@@ -265,7 +270,8 @@ class PPOSource(RolloutSource):
     reference = policy.frozen_views().get('reference') if c.kl_coef > 0 and policy.frozen_views else None
     values_BT, ref_BT = values_and_reference_logps(
         policy.model, policy.params, reference,
-        {k: batch[k] for k in ('inputs', 'targets', 'positions', 'segment_ids')}, self.s.temperature)
+        {k: batch[k] for k in ('inputs', 'targets', 'positions', 'segment_ids', 'vocab_limit')},
+        self.s.temperature)
     values_BT = _host(values_BT)
     ref_BT = None if ref_BT is None else _host(ref_BT)
     mask = batch['loss_mask'].astype(np.float32)

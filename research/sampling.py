@@ -14,6 +14,11 @@ Prompts of different lengths are left-padded to a common length (rounded up
 to a multiple of 16 to limit recompiles); padding has segment id 0 so no token
 attends to it, and positions start at 0 at each prompt's first real token.
 Decoding with the cache gives the same logits as a full forward pass.
+
+`vocab_limit` (the tokenizer's size) keeps the sampler off the model's padded
+vocabulary: ids at or past it get zero probability, greedy or sampled, and the
+returned log-probabilities are those of that masked distribution (a trainer
+recomputing them masks the same way: `mask_vocab`).
 """
 
 from __future__ import annotations
@@ -42,10 +47,29 @@ class Policy(NamedTuple):
   frozen_views: Callable[[], dict] | None = None
 
 
-def _filtered_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-  """float32 logits of the distribution sampled from at temperature > 0: scaled
-  by 1/temperature, everything outside top-k and the top-p nucleus at -inf-ish."""
-  logits = logits_BV.astype(jnp.float32) / temperature
+def mask_vocab(logits_V: jax.Array, vocab_limit: int | jax.Array | None) -> jax.Array:
+  """`logits_V` ([..., V]) with ids >= vocab_limit at -inf-ish: ids the tokenizer
+  cannot decode (a model's vocabulary may be padded past it). `vocab_limit` is
+  None (no mask), an int, or an int array over the leading axes (e.g. [B], one
+  per row) of logits. Apply after any temperature scaling (-inf-ish / T overflows)."""
+  V = logits_V.shape[-1]
+  if vocab_limit is None or (isinstance(vocab_limit, int) and vocab_limit >= V):
+    return logits_V
+  limit = jnp.asarray(vocab_limit)
+  limit = limit.reshape(limit.shape + (1,) * (logits_V.ndim - limit.ndim))
+  return jnp.where(jnp.arange(V) < limit, logits_V, jnp.finfo(logits_V.dtype).min)
+
+
+def _filtered_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: float,
+                     vocab_limit: int | None = None) -> jax.Array:
+  """float32 logits of the distribution sampled from: greedy (temperature 0)
+  reads the model's own logits; else scaled by 1/temperature, everything outside
+  top-k and the top-p nucleus at -inf-ish. Ids >= vocab_limit are masked first,
+  so top-k and top-p choose among decodable ids only."""
+  logits = logits_BV.astype(jnp.float32)
+  if temperature <= 0.0:
+    return mask_vocab(logits, vocab_limit)
+  logits = mask_vocab(logits / temperature, vocab_limit)
   neg = jnp.finfo(jnp.float32).min
   if top_k > 0:
     kth_BV = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -62,35 +86,36 @@ def _filtered_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p
 
 
 def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float = 0.0,
-                  top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+                  top_k: int = 0, top_p: float = 1.0, vocab_limit: int | None = None) -> jax.Array:
   """Next tokens [B] from logits: greedy if temperature == 0, else sampled
   from the temperature-scaled distribution restricted to the top-k tokens and
-  to the smallest set whose probability reaches top_p (nucleus sampling)."""
+  to the smallest set whose probability reaches top_p (nucleus sampling).
+  Never an id >= vocab_limit (None: any id)."""
+  logits = _filtered_logits(logits_BV, temperature, top_k, top_p, vocab_limit)
   if temperature <= 0.0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits = _filtered_logits(logits_BV, temperature, top_k, top_p)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
 def sampled_logprobs(logits_BV: jax.Array, tokens_B: jax.Array, temperature: float = 0.0,
-                     top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+                     top_k: int = 0, top_p: float = 1.0, vocab_limit: int | None = None) -> jax.Array:
   """log p(token) [B] under the distribution `sample_logits` draws from with the
   same settings; for greedy decoding (temperature 0), under the model's own
-  (unscaled, unfiltered) distribution."""
-  logits = (logits_BV.astype(jnp.float32) if temperature <= 0.0
-            else _filtered_logits(logits_BV, temperature, top_k, top_p))
+  (unscaled, unfiltered) distribution over ids < vocab_limit."""
+  logits = _filtered_logits(logits_BV, temperature, top_k, top_p, vocab_limit)
   logp_BV = jax.nn.log_softmax(logits, axis=-1)
   return jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=-1)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'n', 'temperature', 'top_k',
-                                             'top_p', 'pad_id'))
+                                             'top_p', 'pad_id', 'vocab_limit'))
 def rollout(model, params, tokens_BP, segment_ids_BP, positions_BP, rng, stop_ids, *,
             max_new_tokens: int, n: int = 1, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-            pad_id: int = 0) -> dict[str, jax.Array]:
+            pad_id: int = 0, vocab_limit: int | None = None) -> dict[str, jax.Array]:
   """Continues left-padded prompts [P0, P] (see `left_pad`) `n` times each, for
   up to max_new_tokens. Prompts are prefilled once; their caches are copied n
   times, so rows i*n .. i*n + n-1 of the outputs (B = P0 * n rows) continue prompt i.
+  Only ids < vocab_limit (the tokenizer's size; None: all) are sampled.
 
   `stop_ids` is an int32 array of stop tokens (may be empty). Returns
     tokens       int32 [B, N]      sampled tokens, pad_id after a row's first stop token
@@ -115,8 +140,8 @@ def rollout(model, params, tokens_BP, segment_ids_BP, positions_BP, rng, stop_id
   def body(carry):
     i, logits_BV, cache, pos_B, done_B, out_BN, logp_BN, mask_BN, rng = carry
     rng, step_rng = jax.random.split(rng)
-    tok_B = sample_logits(logits_BV, step_rng, temperature, top_k, top_p)
-    logp_B = sampled_logprobs(logits_BV, tok_B, temperature, top_k, top_p)
+    tok_B = sample_logits(logits_BV, step_rng, temperature, top_k, top_p, vocab_limit)
+    logp_B = sampled_logprobs(logits_BV, tok_B, temperature, top_k, top_p, vocab_limit)
     tok_B = jnp.where(done_B, pad_id, tok_B)
     out_BN = out_BN.at[:, i].set(tok_B)
     logp_BN = logp_BN.at[:, i].set(jnp.where(done_B, 0.0, logp_B))
@@ -144,15 +169,16 @@ def rollout(model, params, tokens_BP, segment_ids_BP, positions_BP, rng, stop_id
 
 
 def completion_logprobs(model, params, rollout_out: dict, prompt_len: int, temperature: float = 1.0,
-                        rng=None) -> jax.Array:
+                        rng=None, *, vocab_limit: int | None = None) -> jax.Array:
   """log p [B, N] of each completion token under a training forward pass of the
-  whole sequence at `temperature` (0 or 1: the model's own distribution), 0
-  where the rollout's mask is 0: what a policy loss differentiates. Equals
-  rollout's `logps` when it sampled at that temperature without top-k / top-p."""
+  whole sequence at `temperature` (0 or 1: the model's own distribution) over
+  ids < vocab_limit, 0 where the rollout's mask is 0: what a policy loss
+  differentiates. Equals rollout's `logps` when it sampled at that temperature
+  and vocab_limit without top-k / top-p."""
   seq = rollout_out['sequences']
   logits = models.forward(model, params, seq[:, :-1], rollout_out['positions'][:, :-1],
                           rollout_out['segment_ids'][:, :-1], rng)[:, prompt_len - 1:]
-  logits = logits / temperature if temperature > 0 else logits
+  logits = mask_vocab(logits / temperature if temperature > 0 else logits, vocab_limit)
   return losses.token_log_probs(logits, seq[:, prompt_len:]) * rollout_out['mask']
 
 
@@ -173,13 +199,16 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, bucket: int = _B
 
 def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              rng: jax.Array | None = None, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, stop_tokens: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
-  """Continues each prompt; returns the new tokens of each, cut after the first stop token."""
+             top_p: float = 1.0, stop_tokens: Sequence[int] = (), pad_id: int = 0,
+             vocab_limit: int | None = None) -> list[list[int]]:
+  """Continues each prompt; returns the new tokens of each, cut after the first
+  stop token. Pass vocab_limit=tokenizer.vocab_size to sample only decodable ids."""
   tokens, segs, pos = left_pad(prompts, pad_id)
   rng = jax.random.PRNGKey(0) if rng is None else rng
   out = rollout(model, params, tokens, segs, pos, rng, np.asarray(stop_tokens, np.int32),
                 max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                top_p=float(top_p), pad_id=int(pad_id))['tokens']
+                top_p=float(top_p), pad_id=int(pad_id),
+                vocab_limit=None if vocab_limit is None else int(vocab_limit))['tokens']
   if not out.is_fully_addressable:  # multi-process: every process gets all rows
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     out = multihost_utils.process_allgather(out, tiled=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from research.data import pipeline, registry, sources
-from research.data.tokenizer import CHAT_MARKERS, Tokenizer
+from research.data.tokenizer import CHAT_MARKERS, Tokenizer, train_tokenizer
 from research.errors import UserError
 from research.training.checkpoint import json_lists_to_tuples
 
@@ -142,3 +142,70 @@ def test_grain_source_state_resumes_the_stream(tokenizer, test_config):
     assert sorted(x) == ['inputs', 'positions', 'segment_ids', 'targets']
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
+
+
+def _split_texts(path, data_dir, text_key='text'):
+  return [[ex['text'].decode() for ex in registry.open_split('files', s, data_dir=data_dir, files=str(path),
+                                                             text_key=text_key)]
+          for s in ('train', 'validation')]
+
+
+def test_one_document_corpus_trains_on_its_head_and_evaluates_on_its_tail(tmp_path, data_dir, tokenizer,
+                                                                          capsys):
+  text = ''.join(f'line {i}: the quick brown fox\n' for i in range(300))
+  path = tmp_path / 'book.txt'
+  path.write_text(text)
+  train, val = _split_texts(path, data_dir)
+  assert len(train) == len(val) == 1 and train[0] + val[0] == text  # a cut, nothing lost or shared
+  assert 0.05 < len(val[0]) / len(text) <= 0.15 and val[0].startswith('line ')  # ~10%, at a line start
+  assert 'single document' in capsys.readouterr().err
+  ds = pipeline.packed_dataset(registry.open_split('files', 'train', data_dir=data_dir, files=str(path)),
+                               tokenizer, seq_len=32, batch_size=4, seed=0)
+  assert next(iter(ds))['inputs'].shape == (4, 32)
+
+
+def test_one_structured_row_is_both_splits_with_a_warning(tmp_path, data_dir, capsys):
+  row = json.dumps({'prompt': 'What is 2 + 2?', 'response': '4'})
+  path = tmp_path / 'one.jsonl'
+  path.write_text(row + '\n')
+  assert _split_texts(path, data_dir, text_key='') == [[row], [row]]
+  assert 'not held out' in capsys.readouterr().err
+
+
+def test_binary_and_non_utf8_files_are_skipped_and_counted(tmp_path, data_dir, capsys):
+  docs = {f'doc{i}.txt': f'document {i} ' * 50 for i in range(3)}
+  for name, text in docs.items():
+    (tmp_path / name).write_text(text)
+  (tmp_path / 'image.txt').write_bytes(b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR' + bytes(range(256)) * 4)
+  (tmp_path / 'latin1.txt').write_bytes('caf\xe9 cr\xe8me'.encode('latin-1'))
+  train, val = _split_texts(tmp_path / '*.txt', data_dir)
+  assert sorted(train + val) == sorted(docs.values())
+  err = capsys.readouterr().err
+  assert 'skipped 2 binary' in err and 'image.txt' in err
+
+
+def test_empty_file_is_called_empty_not_malformed(tmp_path, data_dir, capsys):
+  (tmp_path / 'a.jsonl').write_text(''.join(json.dumps({'text': f'row {i} ' * 20}) + '\n' for i in range(5)))
+  (tmp_path / 'b.jsonl').write_text('')
+  train, val = _split_texts(tmp_path / '*.jsonl', data_dir)
+  assert len(train) + len(val) == 5
+  err = capsys.readouterr().err
+  assert 'skipped 1 empty file' in err and 'b.jsonl' in err and 'malformed' not in err
+
+
+@pytest.mark.parametrize('contents,match', [((b'', b'\n \n'), 'empty'),
+                                            ((b'\x00\x01\x02', b'\xff\xfe'), 'binary')])
+def test_no_usable_file_is_a_user_error_naming_them(tmp_path, data_dir, contents, match):
+  for name, data in zip(('a.txt', 'b.jsonl'), contents):
+    (tmp_path / name).write_bytes(data)
+  with pytest.raises(UserError, match=f"2 {match}.*a.txt.*b.jsonl"):
+    registry.open_split('files', 'train', data_dir=data_dir, files=str(tmp_path / '*'))
+
+
+def test_tokenizer_training_failures_are_user_errors():
+  with pytest.raises(UserError, match='no text'):
+    train_tokenizer([], 512)
+  many_chars = ''.join(chr(0x4e00 + i) for i in range(2000)) * 3  # more distinct characters than pieces
+  needed = 2000 + 4 + len(CHAT_MARKERS) + 256  # characters, control ids, markers, byte pieces
+  with pytest.raises(UserError, match=f'needs {needed} pieces for its distinct characters'):
+    train_tokenizer([many_chars], 512)

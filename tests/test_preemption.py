@@ -4,6 +4,7 @@ the workdir lock (one run per workdir; a dead holder's lock is taken over)."""
 import dataclasses
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -100,6 +101,150 @@ def test_sigterm_saves_exits_and_resumes_bitwise(tmp_path, corpus_dir, data_dir)
   resumed = subprocess.run(_cmd(stopped, corpus_dir, data_dir, *flags), cwd=ROOT, check=True,
                            capture_output=True, text=True)
   assert f'resumed from {stopped}/checkpoints/{step}' in resumed.stdout
+  want, got = _losses(full), _losses(stopped)
+  assert sorted(got) == list(range(1, 61))
+  assert got == want, [(s, got[s], want[s]) for s in range(1, 61) if got[s] != want[s]][:5]
+
+
+def _logged_steps(workdir):
+  """Steps with a train/loss row so far, skipping a half-written last line (a
+  killed writer's) that read_metrics would reject."""
+  try:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return []
+  steps = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if 'train/loss' in row:
+      steps.append(row['step'])
+  return steps
+
+
+def _saving(workdir):
+  """Whether a save is on disk but not yet committed (orbax's temporary directory)."""
+  try:
+    return any('tmp' in n for n in os.listdir(os.path.join(workdir, 'checkpoints')))
+  except OSError:
+    return False
+
+
+def test_five_sigkills_at_random_moments_then_the_run_completes_bitwise(tmp_path, corpus_dir, data_dir):
+  # checkpoint_every=3 keeps a save (and, with keep_checkpoints=2, a deletion)
+  # in flight most of the time, so kills land in every phase of a save.
+  flags = ['--config.steps=60', '--config.checkpoint_every=3', '--config.keep_checkpoints=2',
+           '--config.log_every=1', '--config.eval_every=1000']
+  t0 = time.time()
+  full = str(tmp_path / 'full')
+  subprocess.run(_cmd(full, corpus_dir, data_dir, *flags), cwd=ROOT, check=True, capture_output=True)
+  t_full = time.time() - t0
+
+  killed = str(tmp_path / 'killed')
+  rng = random.Random(14)
+  reached, kills = 0, []
+  for i in range(5):
+    # Its own process group, so that the kill takes every process it started (a lost machine).
+    log_path = tmp_path / f'launch{i}.log'  # a file: an unread pipe could fill and stall the run
+    with open(log_path, 'w') as log:
+      proc = subprocess.Popen(_cmd(killed, corpus_dir, data_dir, *flags), cwd=ROOT, start_new_session=True,
+                              stdout=log, stderr=subprocess.STDOUT)
+    # The file holds the killed run's rows until the restart truncates it, so
+    # wait for `ahead` steps past the last kill: this launch trained them.
+    ahead = rng.randint(1, 6)
+    deadline = time.time() + 300
+    while (max(_logged_steps(killed), default=0) < reached + ahead and proc.poll() is None
+           and time.time() < deadline):
+      time.sleep(0.005)
+    if i % 2:  # odd kills: while a save is being written
+      while not _saving(killed) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
+      time.sleep(rng.uniform(0, 0.02))
+    else:  # even kills: anywhere within the next few steps, a save or deletion included
+      time.sleep(rng.uniform(0, 0.3))
+    assert proc.poll() is None, f'launch {i} ended before its kill: {log_path.read_text()[-2000:]}'
+    on_disk = sorted(os.listdir(os.path.join(killed, 'checkpoints')))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    reached = max(_logged_steps(killed), default=0)
+    kills.append((reached, on_disk))
+    assert reached < 60, 'the run finished before all five kills'
+
+  t1 = time.time()
+  last = subprocess.run(_cmd(killed, corpus_dir, data_dir, *flags), cwd=ROOT, capture_output=True, text=True)
+  t_last = time.time() - t1
+  print(f'kills (last logged step, checkpoints/ at the kill): {kills}')
+  print(f'uninterrupted run {t_full:.1f}s, last restart {t_last:.1f}s, all {time.time() - t0:.1f}s')
+  assert last.returncode == 0, last.stderr[-3000:]
+  assert 'resumed from' in last.stdout
+  rows = [r for r in read_metrics(killed) if 'train/loss' in r]
+  assert [r['step'] for r in rows] == list(range(1, 61)), 'each step logged exactly once, in order'
+  want, got = _losses(full), {r['step']: r['train/loss'] for r in rows}
+  assert got == want, [(s, got[s], want[s]) for s in range(1, 61) if got[s] != want[s]][:5]
+  assert _saved_steps(killed) == [57, 60]
+
+
+def _launch_two(workdir, corpus_dir, data_dir, *flags):
+  """Processes 0 and 1 of a two-process run (4 CPU devices each, jax.distributed on 127.0.0.1)."""
+  from test_multihost import _env, _free_port
+  port = _free_port()
+  return [subprocess.Popen(
+      _cmd(workdir, corpus_dir, data_dir, *flags, f'--coordinator_address=127.0.0.1:{port}',
+           '--num_processes=2', f'--process_id={i}'),
+      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+
+
+def _finish(procs, timeout=300):
+  """Their outputs, once both exited with status 0; a hung pair is killed, not left behind."""
+  try:
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
+  return outs
+
+
+def test_sigterm_to_one_of_two_processes_makes_both_save_the_same_step(tmp_path, corpus_dir):
+  # With several processes no Python handler is installed: jax.distributed's
+  # preemption service catches SIGTERM and agrees on the step to stop at.
+  # A data dir of its own: the first launch prepares the data and trains the
+  # tokenizer with two processes (it once hung there, at mismatched barriers).
+  data_dir = str(tmp_path / 'tfds')
+  flags = ['--config.steps=60', '--config.checkpoint_every=50', '--config.log_every=1',
+           '--config.eval_every=1000', '--config.mesh.data=2', '--config.mesh.fsdp=4']
+  full = str(tmp_path / 'full')
+  _finish(_launch_two(full, corpus_dir, data_dir, *flags))
+
+  stopped = str(tmp_path / 'stopped')
+  procs = _launch_two(stopped, corpus_dir, data_dir, *flags)
+  deadline = time.time() + 300
+  while _last_step(stopped) < 10 and procs[0].poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  procs[1].send_signal(signal.SIGTERM)  # not process 0: the notice must reach the others
+  t0 = time.time()
+  outs = _finish(procs, timeout=120)
+  seconds = time.time() - t0
+  line = [l for l in outs[0].splitlines() if l.startswith('preempted at step')]
+  assert len(line) == 1, outs[0][-3000:]
+  step = int(line[0].split()[3].rstrip(':'))
+  print(f'SIGTERM to process 1: both saved step {step}, exited {seconds:.2f}s later')
+  assert 10 <= step < 60, 'the run was not stopped mid-way'
+  assert seconds < 60
+  assert _saved_steps(stopped) == [step]
+  ckpts = os.path.join(stopped, 'checkpoints')
+  assert os.listdir(ckpts) == [str(step)], 'no save left uncommitted'
+  assert {'params', 'opt_state', 'meta', 'data'} <= set(os.listdir(os.path.join(ckpts, str(step))))
+  assert sorted(_losses(stopped)) == list(range(1, step + 1))
+
+  outs = _finish(_launch_two(stopped, corpus_dir, data_dir, *flags))
+  assert f'resumed from {stopped}/checkpoints/{step}' in outs[0]
   want, got = _losses(full), _losses(stopped)
   assert sorted(got) == list(range(1, 61))
   assert got == want, [(s, got[s], want[s]) for s in range(1, 61) if got[s] != want[s]][:5]

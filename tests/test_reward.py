@@ -183,3 +183,18 @@ def test_loaded_for_rl_scores_match_unpadded_forwards(lm_run, test_config, tmp_p
   got = rm.score(convos, batch_size=4)
   want = [_reference_reward(rm.model, rm.params, rm.tokenizer, m) for m in convos]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+  # The evaluator online RL logs: exact match and the reward model's mean score
+  # of one set of greedy replies, against replies scored here by unpadded forwards.
+  from research import evaluation, sampling
+  lm = init.load_params(lm_run)
+  data_cfg = init.resolve_config(test_config()).data
+  rows = evaluation.task_rows(data_cfg, examples=6)
+  got = evaluation.GreedyTaskEval(data_cfg, examples=6, max_new_tokens=6, reward_models=(run,))(
+      sampling.Policy(lm.model, lm.params), lm.tokenizer, {})
+  replies = evaluation.greedy_replies(lm.model, lm.params, lm.tokenizer, rows, max_new_tokens=6)
+  scores = [_reference_reward(rm.model, rm.params, rm.tokenizer,
+                              chat.history(r['messages']) + [{'role': 'assistant', 'content': text}])
+            for r, text in zip(rows, replies)]
+  assert got['reward_model/score'] == pytest.approx(np.mean(scores), rel=1e-5, abs=1e-6)
+  assert got['exact_match'] == np.mean([text.strip() == r['answer'].strip() for text, r in zip(replies, rows)])

@@ -168,3 +168,100 @@ def test_n_samples_per_prompt_and_sampler_logprobs_equal_the_training_forward(te
   last = pos[np.arange(6) // 3, -1]
   np.testing.assert_array_equal(np.asarray(out['positions'])[:, P:], (last[:, None] + 1 + np.arange(10)) * mask)
   np.testing.assert_array_equal(np.asarray(out['segment_ids'])[:, P:], mask)
+
+
+# -- the padded vocabulary: ids >= vocab_limit (the tokenizer's size) are never sampled --
+
+def _np_logprobs(row, limit, temperature, top_k=0, top_p=1.0):
+  """numpy log-probs [V] of the sampling distribution over ids < limit (the rest
+  -inf): temperature scaling, then top-k and the top-p nucleus among those ids."""
+  x = np.asarray(row[:limit], np.float64)
+  if temperature > 0:
+    x = x / temperature
+    if top_k:
+      x = np.where(x < np.sort(x)[-top_k], -np.inf, x)
+    if top_p < 1.0:
+      desc = np.sort(x)[::-1]
+      probs = np.exp(desc - desc.max()) / np.exp(desc - desc.max()).sum()
+      n_keep = max(int(np.sum(np.cumsum(probs) - probs < top_p)), 1)
+      x = np.where(x < desc[n_keep - 1], -np.inf, x)
+  out = np.full(len(row), -np.inf)
+  out[:limit] = _log_softmax(x)
+  return out
+
+
+@pytest.mark.parametrize('temperature,top_k,top_p', [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5, 1.0),
+                                                     (1.3, 0, 0.6), (0.7, 5, 0.8)])
+def test_vocab_limit_masks_padded_ids_when_sampling_from_logits(temperature, top_k, top_p):
+  """The padded ids hold the highest logits, yet neither greedy nor sampled
+  tokens reach them, and the log-probs are those of a softmax over the valid ids
+  only (with temperature, top-k and top-p applied among them)."""
+  limit = 8
+  valid = np.log([0.3, 0.2, 0.15, 0.12, 0.1, 0.07, 0.04, 0.02])
+  logits_V = jnp.asarray(np.concatenate([valid, [5.0, 6.0, 4.0, 7.0]]), jnp.float32)
+  kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, vocab_limit=limit)
+  keys = jax.random.split(jax.random.PRNGKey(0), 2000)
+  draws = np.asarray(jax.vmap(lambda k: sampling.sample_logits(logits_V[None], k, **kw)[0])(keys))
+  want = _np_logprobs(np.asarray(logits_V), limit, temperature, top_k, top_p)
+  support = {int(np.argmax(want))} if temperature == 0 else set(np.flatnonzero(np.isfinite(want)).tolist())
+  assert set(draws.tolist()) == support  # never an id >= limit
+  ids = jnp.arange(12, dtype=jnp.int32)
+  got = np.asarray(sampling.sampled_logprobs(jnp.tile(logits_V, (12, 1)), ids, **kw))
+  finite = np.isfinite(want)
+  np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-6)
+  assert (got[~finite] < -1e30).all()
+
+
+def _boosted_params(model, limit, seed=0, boost=50.0):
+  """Random parameters with the output columns of ids >= limit scaled up, so
+  that unmasked, the padded ids dominate (the tests check that they would win)."""
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32)))['params']
+  head = params['lm_head']['kernel']
+  return {**params, 'lm_head': {'kernel': head.at[:, limit:].multiply(boost)}}
+
+
+def test_rollout_vocab_limit_logprobs_match_numpy_and_the_trainer():
+  """With vocab_limit the rollout samples only valid ids, its log-probs are those
+  of the softmax over valid ids (numpy, from a full forward), and the RL trainer's
+  log-probs of the same batch (rl.token_logps, batch['vocab_limit']) equal them."""
+  from research import rl
+  model, limit, T = Model(CFG), 48, 0.7
+  params = _boosted_params(model, limit)
+  tokens, segs, pos = sampling.left_pad([[5, 9, 2], [7, 1, 3, 3, 8, 4, 2]])
+  P = tokens.shape[1]
+  out = sampling.rollout(model, params, tokens, segs, pos, jax.random.PRNGKey(1), np.zeros((0,), np.int32),
+                         max_new_tokens=8, n=2, temperature=T, vocab_limit=limit)
+  toks, logps = np.asarray(out['tokens']), np.asarray(out['logps'])
+  assert (toks < limit).all() and np.asarray(out['mask']).all()
+  seq = np.asarray(out['sequences'])
+  batch = {'inputs': seq[:, :-1], 'targets': seq[:, 1:], 'positions': np.asarray(out['positions'])[:, :-1],
+           'segment_ids': np.asarray(out['segment_ids'])[:, :-1]}
+  scaled = np.asarray(rl.scaled_logits(model, params, batch, T), np.float64)[:, P - 1:]  # no limit: no mask
+  probs = np.exp(scaled - scaled.max(-1, keepdims=True))
+  assert (probs[..., limit:].sum(-1) / probs.sum(-1)).min() > 0.5  # unmasked, the padded ids would win
+  want = np.take_along_axis(_log_softmax(scaled[..., :limit]), toks[..., None], -1)[..., 0]
+  np.testing.assert_allclose(logps, want, rtol=1e-4, atol=1e-4)
+  trainer = np.asarray(rl.token_logps(model, params, {**batch, 'vocab_limit': np.full((4,), limit, np.int32)}, T))
+  np.testing.assert_allclose(trainer[:, P - 1:], logps, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_with_a_smaller_tokenizer_gives_decodable_ids():
+  """End to end: a tokenizer smaller than the model's (padded) vocabulary; with
+  vocab_limit=tokenizer.vocab_size, greedy and sampled replies decode with the
+  raw SentencePiece processor (which raises on an id past its vocabulary)."""
+  from research.data.tokenizer import train_tokenizer
+  tok = train_tokenizer(['the quick brown fox jumps over the lazy dog. ' * 20, 'def f(x):\n  return x + 1\n' * 10],
+                        300)
+  model = Model(Config(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64))
+  assert tok.vocab_size < model.cfg.vocab_size
+  params = _boosted_params(model, tok.vocab_size, seed=3)
+  prompts = [tok.encode('the quick', add_bos=True), tok.encode('def f', add_bos=True)]
+  free = sampling.generate(model, params, prompts, max_new_tokens=8)
+  with pytest.raises(IndexError):  # the crash at evaluation this guards against
+    tok.sp.decode(free[0] + free[1])
+  for temperature in (0.0, 1.0):
+    outs = sampling.generate(model, params, prompts, max_new_tokens=8, temperature=temperature,
+                             rng=jax.random.PRNGKey(2), vocab_limit=tok.vocab_size)
+    for out in outs:
+      assert len(out) == 8 and max(out) < tok.vocab_size
+      assert isinstance(tok.sp.decode(out), str)

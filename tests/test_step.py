@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from conftest import init_params
 from research import lora
@@ -14,7 +15,7 @@ from research.models import LoraConfig
 from research.models.llama import Config, Model
 from research.stages import pretrain
 from research.training import step
-from research.training.state import TrainState
+from research.training.state import TrainState, no_skips
 
 CFG = Config(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
 
@@ -42,7 +43,8 @@ def _tx():
 
 
 def _state(params, tx):
-  return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(7))
+  return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(7),
+                    skipped=no_skips())
 
 
 def test_train_step_matches_a_hand_computed_update():
@@ -112,3 +114,35 @@ def test_eval_step_returns_weighted_sums():
   loss, n, _ = jax.jit(lambda p: pretrain.loss(model, p, batch, {}, None))(params)
   assert float(out['weight']) == float(n) == 60
   np.testing.assert_allclose(float(out['loss_sum']), float(loss) * 60, rtol=1e-6)
+
+
+def _poisoned(model, params, batch, frozen, rng):
+  """pretrain.loss times batch['poison'] (1, or NaN / inf to make the step non-finite)."""
+  rest = {k: v for k, v in batch.items() if k != 'poison'}
+  loss, weight, metrics = pretrain.loss(model, params, rest, frozen, rng)
+  return loss * batch['poison'], weight, metrics
+
+
+@pytest.mark.parametrize('poison', [np.nan, np.inf])
+def test_a_non_finite_step_is_skipped_and_training_continues_as_if_it_never_updated(poison):
+  """Steps on b1, poisoned b2, b3 against a run that takes b1, then only advances
+  the step counter and rng (what skipping b2's update means), then b3: bitwise equal."""
+  model, (tx, schedule) = Model(CFG), _tx()
+  train_step = _jit_step(model=model, loss_fn=_poisoned, tx=tx, schedule=schedule)
+  b1, b2, b3 = ({**_batch(seed=i), 'poison': jnp.float32(1.0)} for i in range(3))
+  s1, _ = train_step(_state(init_params(model), tx), b1, {})
+  s2, m2 = train_step(s1, {**b2, 'poison': jnp.float32(poison)}, {})
+  s3, m3 = train_step(s2, b3, {})
+
+  assert not np.isfinite(float(m2['train/loss'])) and int(s2.step) == 2
+  for a, b in zip(jax.tree.leaves((s2.params, s2.opt_state)), jax.tree.leaves((s1.params, s1.opt_state))):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  assert [int(m2['train/skipped_steps']), int(m2['train/skipped_in_row'])] == [1, 1]
+  assert [int(m3['train/skipped_steps']), int(m3['train/skipped_in_row'])] == [1, 0]
+  never_updated = TrainState(step=s1.step + 1, params=s1.params, opt_state=s1.opt_state,
+                             rng=jax.random.split(s1.rng)[0], skipped=s1.skipped)
+  want, want_m = train_step(never_updated, b3, {})
+  assert float(m3['train/loss']) == float(want_m['train/loss'])
+  for a, b in zip(jax.tree.leaves((s3.params, s3.opt_state, s3.rng)),
+                  jax.tree.leaves((want.params, want.opt_state, want.rng))):
+    assert np.array_equal(np.asarray(a), np.asarray(b))

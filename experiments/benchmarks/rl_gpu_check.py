@@ -36,7 +36,7 @@ from research import losses, models, rl, sampling
 from research.stages import grpo
 from research.training import step as step_lib
 from research.training.optimizer import make_optimizer
-from research.training.state import TrainState
+from research.training.state import TrainState, no_skips
 
 
 def timed(fn, *args, repeats: int = 2):
@@ -101,7 +101,7 @@ def main() -> None:
                                                       schedule=schedule, frozen_names=('reference',)),
                  donate_argnums=(0,))
   state = TrainState(step=jnp.int32(0), params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                     rng=jax.random.PRNGKey(2))
+                     rng=jax.random.PRNGKey(2), skipped=no_skips())
   mem = step.lower(state, batch, frozen).compile().memory_analysis()
   t0 = time.time()
   state, metrics = jax.block_until_ready(step(state, batch, frozen))

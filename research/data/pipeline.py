@@ -33,8 +33,9 @@ def default_tokenizer_path(data_cfg, vocab_size: int) -> str:
   return os.path.join(sources.resolve_data_dir(data_cfg.data_dir), 'tokenizers', f'{slug}-v{vocab_size}.model')
 
 
-def _train_and_save_tokenizer(data_cfg, vocab_size: int, path: str) -> None:
-  src = open_source(data_cfg, data_cfg.train_split)
+def _train_and_save_tokenizer(src, data_cfg, vocab_size: int, path: str) -> None:
+  """Trains a tokenizer on `src` (opened by every process: opening prepares the
+  data behind a barrier, so it must not happen here, where one process runs)"""
   tok = train_tokenizer(sources.iter_texts(src, data_cfg.text_key), vocab_size)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f'{path}.tmp{os.getpid()}'
@@ -48,12 +49,12 @@ def get_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
     return Tokenizer.load(data_cfg.tokenizer)
   import jax  # pylint: disable=import-outside-toplevel
   path = default_tokenizer_path(data_cfg, vocab_size)
-  open_source(data_cfg, data_cfg.train_split)  # every process: preparing data has its own barrier
+  src = open_source(data_cfg, data_cfg.train_split)  # every process: preparing data has its own barrier
   if jax.process_index() == 0 and not os.path.exists(path):
-    _train_and_save_tokenizer(data_cfg, vocab_size, path)
+    _train_and_save_tokenizer(src, data_cfg, vocab_size, path)
   sources.sync_processes('tokenizer_ready')
   if not os.path.exists(path):  # hosts that do not share process 0's disk
-    _train_and_save_tokenizer(data_cfg, vocab_size, path)
+    _train_and_save_tokenizer(src, data_cfg, vocab_size, path)
   return Tokenizer.load(path)
 
 
@@ -181,7 +182,8 @@ def take_batches(ds, n: int) -> list[dict[str, Any]]:
     if len(out) >= n:
       break
   if not out:
-    raise UserError('the validation split holds less than one batch; lower batch_size or seq_len.')
+    raise UserError('the validation split holds less than one batch; lower batch_size or seq_len, or '
+                    'add data (data.files holds out 2% of its documents or rows, at least one).')
   return out
 
 

@@ -71,7 +71,12 @@ def open_split(name: str, split: str, *, data_dir: str = '', files: str = '',
   """A random-access source (len, [i]) of dict examples for one split."""
   builder = project_builder(name, data_dir, files, text_key)
   if builder is not None:
-    prepare(builder)
+    was_prepared = builder.is_prepared()
+    prepare(builder)  # every process: it holds a barrier
+    if not was_prepared:
+      # A builder made before the data existed keeps the empty split info it read
+      # then (the other processes' case, after process 0 prepared): read it again.
+      builder = project_builder(name, data_dir, files, text_key)
     if split not in builder.info.splits:
       raise UserError(f'data split {split!r} not in {name}; have {sorted(builder.info.splits)}')
     return builder.as_data_source(split=split)

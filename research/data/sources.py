@@ -3,7 +3,9 @@
 * 'stdlib': the embedded default, this Python's standard-library source files
   (about 30 MB, present wherever Python is). Needs no download.
 * 'files': local .txt files (one document each) and .jsonl files (one document
-  per row, text in `text_key`), from comma-separated globs.
+  per row, text in `text_key`), from comma-separated globs. Empty and binary
+  (not UTF-8) files and malformed rows are skipped with a warning; a corpus of
+  one document is cut 90/10 into train and validation (split_documents).
 * any other name: a TFDS dataset the user has prepared as array_record,
   e.g. `tfds build c4/en --file_format=array_record`.
 
@@ -16,6 +18,7 @@ key, so they never change between runs or machines.
 from __future__ import annotations
 
 import abc
+import codecs
 import glob
 import hashlib
 import json
@@ -110,31 +113,137 @@ def expand_globs(files: str) -> list[str]:
   return paths
 
 
-def read_local_documents(paths: list[str], text_key: str) -> Iterator[tuple[str, str | None]]:
-  """Yields (key, text) for every document; text is None for a malformed row.
+_SNIFF_BYTES = 8192  # a NUL byte in a file's first 8 KB marks it binary, as git and grep judge
+_TAIL_PERCENT = 10  # the held-out tail of a corpus of one document
 
+
+def _decode(data: bytes) -> str | None:
+  """UTF-8 text of `data` (a leading byte-order mark dropped), or None if not UTF-8."""
+  try:
+    return data.decode('utf-8-sig')
+  except UnicodeDecodeError:
+    return None
+
+
+def _row_text(line: str | None, text_key: str) -> str | None:
+  """The document of one .jsonl line: the line itself if text_key is '', else
+  its string field `text_key`; None if malformed."""
+  if line is None or not text_key:
+    return line
+  try:
+    text = json.loads(line)[text_key]
+  except (ValueError, KeyError, TypeError, IndexError):
+    return None
+  return text if isinstance(text, str) else None
+
+
+def read_local_file(path: str, text_key: str) -> tuple[str | None, list[tuple[str, str | None]]]:
+  """(problem, documents) of one .txt or .jsonl file.
+
+  problem: 'empty' (nothing but whitespace), 'binary' (a NUL byte, a .txt
+  that is not UTF-8, or a .jsonl without one UTF-8 line: decoded with
+  replacement characters it would feed the tokenizer garbage, and SentencePiece
+  fails on its thousands of distinct characters) or None. documents: (key,
+  text) pairs, text None for a malformed .jsonl row (not UTF-8, not JSON, or
+  no string field `text_key`).
   text_key '' keeps each .jsonl line raw (structured rows, parsed by the stage).
   """
+  with open(path, 'rb') as f:
+    data = f.read()
+  if not data.strip():
+    return 'empty', []
+  if b'\0' in data[:_SNIFF_BYTES]:
+    return 'binary', []
+  if path.endswith('.txt'):
+    text = _decode(data)
+    return ('binary', []) if text is None else (None, [(path, text)])
+  docs, n_text = [], 0
+  # bytes.splitlines breaks lines where text-mode reading did, so keys (and splits) keep their line numbers.
+  for i, raw in enumerate(data.removeprefix(codecs.BOM_UTF8).splitlines()):
+    line = _decode(raw)
+    if line is None or line.strip():  # blank lines are no rows
+      n_text += line is not None
+      docs.append((f'{path}:{i}', _row_text(None if line is None else line.strip(), text_key)))
+  if not n_text:
+    return ('binary' if docs else 'empty'), []
+  return None, docs
+
+
+def _some(paths: list[str]) -> str:
+  """'a', 'b', 'c' and 2 more: the first few of `paths`, for one-line messages."""
+  more = f' and {len(paths) - 3} more' if len(paths) > 3 else ''
+  return ', '.join(repr(p) for p in paths[:3]) + more
+
+
+def _files(n: int, kind: str) -> str:
+  return f'{n} {kind} file{"s" if n > 1 else ""}'
+
+
+def local_documents(paths: list[str], text_key: str) -> list[tuple[str, str]]:
+  """The usable (key, text) documents of `paths`.
+
+  Empty files, binary (non-UTF-8) files and malformed rows are skipped with one
+  warning line per kind, naming how many and an example; a UserError naming
+  them if nothing usable is left.
+  """
+  skipped = {'empty': [], 'binary': []}
+  docs = []
   for path in paths:
-    if path.endswith('.txt'):
-      with open(path, encoding='utf-8', errors='replace') as f:
-        yield path, f.read()
-      continue
-    with open(path, encoding='utf-8', errors='replace') as f:
-      for i, line in enumerate(f):
-        if not line.strip():
-          continue
-        if not text_key:
-          yield f'{path}:{i}', line.strip()
-          continue
-        try:
-          row = json.loads(line)
-          text = row[text_key]
-          if not isinstance(text, str):
-            raise TypeError
-        except (ValueError, KeyError, TypeError):
-          text = None
-        yield f'{path}:{i}', text
+    problem, file_docs = read_local_file(path, text_key)
+    if problem:
+      skipped[problem].append(path)
+    docs.extend(file_docs)
+  good = [(k, t) for k, t in docs if t is not None]
+  n_bad = len(docs) - len(good)
+  need = f'need UTF-8 JSON with a string field {text_key!r}' if text_key else 'need UTF-8 text'
+  kinds = {'empty': 'empty', 'binary': 'binary (not UTF-8 text)'}
+  if not good:
+    parts = [f'{_files(len(v), kinds[k])} ({_some(v)})' for k, v in skipped.items() if v]
+    if n_bad:
+      parts.append(f'every row is malformed ({n_bad} row{"s" if n_bad > 1 else ""}; .jsonl rows {need})')
+    raise UserError(f'no usable document in data.files: {"; ".join(parts)}.')
+  for kind, files in skipped.items():
+    if files:
+      print(f'warning: skipped {_files(len(files), kinds[kind])} of {len(paths)} in data.files, '
+            f'e.g. {files[0]!r}', file=sys.stderr)
+  if n_bad:
+    print(f'warning: skipped {n_bad} malformed of {len(docs)} rows in data.files ({need})', file=sys.stderr)
+  return good
+
+
+def _smallest_hash(keys) -> str:
+  return min(keys, key=lambda k: hashlib.md5(k.encode()).hexdigest())
+
+
+def split_documents(docs: list[tuple[str, str]], raw: bool) -> tuple[list, list]:
+  """(train, validation) documents of a local corpus, fixed by the keys' hashes.
+
+  A corpus of several documents holds out whole documents (2% by hash, at least
+  one, never all). A corpus of ONE document has none to spare: holding it out
+  left training nothing, and evaluating on the training text would report a
+  memorisation score as held-out loss. So its text is cut instead, as
+  nanoGPT cuts Shakespeare: training gets the first 90%, validation the rest
+  (from the first line break after the 90% mark if one is near, so no line is
+  split). A lone structured row (raw=True, SFT or preference data) cannot be
+  cut; it is used for both splits, with a warning that the eval is not held out.
+  """
+  if len(docs) == 1:
+    (key, text), = docs
+    cut = len(text) * (100 - _TAIL_PERCENT) // 100
+    newline = text.find('\n', cut)
+    if 0 <= newline < len(text) - 1 and newline - cut <= len(text) // 20:
+      cut = newline + 1
+    if raw or not 0 < cut < len(text):
+      print(f'warning: data.files holds a single {"row" if raw else "document, too short to cut"}: it is '
+            'used for training and evaluation alike, so the eval loss is not held out', file=sys.stderr)
+      return docs, docs
+    print(f'warning: data.files holds a single document: training on its first {100 - _TAIL_PERCENT}%, '
+          f'evaluating on the rest', file=sys.stderr)
+    return [(key, text[:cut])], [(f'{key}#tail', text[cut:])]
+  val = {k for k, _ in docs if is_validation(k)}
+  if not val or len(val) == len(docs):  # small corpora: hold out one document, the same one every run
+    val = {_smallest_hash(val or (k for k, _ in docs))}
+  return [d for d in docs if d[0] not in val], [d for d in docs if d[0] in val]
 
 
 class LocalText(tfds.core.GeneratorBasedBuilder):
@@ -154,25 +263,9 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    docs = list(read_local_documents(self._paths, self._text_key))
-    good = [(k, t) for k, t in docs if t is not None]
-    n_bad = len(docs) - len(good)
-    if not good:
-      raise UserError(f'no usable document in {self._paths}: every row is malformed '
-                      f'(jsonl rows need a string field {self._text_key!r}).')
-    if n_bad:
-      print(f'warning: skipped {n_bad} malformed of {len(docs)} rows in data.files '
-            f'(need a string field {self._text_key!r})', file=sys.stderr)
-    val = [k for k, _ in good if is_validation(k)]
-    if not val:  # small corpora: hold out the document with the smallest hash
-      val = [min((k for k, _ in good), key=lambda k: hashlib.md5(k.encode()).hexdigest())]
-    val = set(val)
-    if len(val) == len(good) and len(good) > 1:
-      val = set(list(val)[:1])
-    return {
-        'train': self._generate_examples([(k, t) for k, t in good if k not in val]),
-        'validation': self._generate_examples([(k, t) for k, t in good if k in val]),
-    }
+    docs = local_documents(self._paths, self._text_key)
+    train, val = split_documents(docs, raw=not self._text_key)
+    return {'train': self._generate_examples(train), 'validation': self._generate_examples(val)}
 
   def _generate_examples(self, docs):
     for key, text in docs:

@@ -13,6 +13,7 @@ Train one from the command line:
 from __future__ import annotations
 
 import io
+import re
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
@@ -111,14 +112,31 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_chars: int = 1
     raise UserError(f'vocab_size={vocab_size} is too small: it must exceed {n_reserved} '
                     '(special tokens plus 256 byte-fallback pieces).')
   out = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=_chunks(texts, max_chars), model_writer=out, vocab_size=vocab_size,
-      model_type=model_type, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-      user_defined_symbols=list(CHAT_MARKERS), byte_fallback=True,
-      normalization_rule_name='identity', remove_extra_whitespaces=False, split_digits=True,
-      allow_whitespace_only_pieces=True, max_sentence_length=4 * _CHUNK_CHARS, num_threads=2,
-      minloglevel=2, hard_vocab_limit=False)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_chunks(texts, max_chars), model_writer=out, vocab_size=vocab_size,
+        model_type=model_type, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        user_defined_symbols=list(CHAT_MARKERS), byte_fallback=True,
+        normalization_rule_name='identity', remove_extra_whitespaces=False, split_digits=True,
+        allow_whitespace_only_pieces=True, max_sentence_length=4 * _CHUNK_CHARS, num_threads=2,
+        minloglevel=2, hard_vocab_limit=False)
+  except RuntimeError as e:
+    raise UserError(_training_error(str(e), vocab_size)) from None
   return Tokenizer(out.getvalue())
+
+
+def _training_error(message: str, vocab_size: int) -> str:
+  """One readable line for SentencePiece's internal error `message` (which names
+  a C++ source line, not the data at fault)."""
+  if 'sentences_.empty()' in message:
+    return 'no text to train the tokenizer on: the training split holds no characters.'
+  chars = re.search(r'smaller than required_chars\. \d+ vs (\d+)', message)
+  if chars:
+    return (f'cannot train a tokenizer of {vocab_size} pieces: the training text needs '
+            f'{chars.group(1)} pieces for its distinct characters and the special tokens (binary data, '
+            'or a script that needs a larger vocab_size); raise vocab_size (config.model.vocab_size) '
+            'or pass a trained one in config.data.tokenizer.')
+  return f'SentencePiece could not train a tokenizer: {message.strip().splitlines()[-1][:300]}'
 
 
 def main(argv=None):

@@ -28,7 +28,7 @@ from research.training.stage import Hook, Stage
 
 BATCH_AXES = {**{k: ('batch', 'length') for k in ('inputs', 'targets', 'segment_ids', 'positions',
                                                   'loss_mask', 'old_logps')},
-              'advantages': ('batch',)}
+              'advantages': ('batch',), 'vocab_limit': ('batch',)}
 BATCH_DTYPES = {'old_logps': 'float32', 'advantages': 'float32'}
 
 

@@ -31,8 +31,9 @@ from research.errors import UserError
 from research.rollouts import CriticSettings, PPOSource
 from research.training.stage import Hook, Stage
 
-BATCH_AXES = {k: ('batch', 'length') for k in ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask',
-                                               'old_logps', 'advantages', 'returns', 'old_values')}
+BATCH_AXES = {**{k: ('batch', 'length') for k in ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask',
+                                                  'old_logps', 'advantages', 'returns', 'old_values')},
+              'vocab_limit': ('batch',)}
 BATCH_DTYPES = {k: 'float32' for k in ('old_logps', 'advantages', 'returns', 'old_values')}
 
 
@@ -43,7 +44,7 @@ def make_loss(p):
     del frozen  # the KL to the reference is in the rollout's rewards
     logits, values = models.forward_with_values(model, params, batch['inputs'], batch['positions'],
                                                 batch['segment_ids'], rng)
-    logits = logits / p.temperature
+    logits = rl.sampler_logits(logits, batch, p.temperature)
     logps = losses.token_log_probs(logits, batch['targets'])
     mask = batch['loss_mask']
     pg, metrics = losses.policy_loss(logps, batch['old_logps'], batch['advantages'], mask,

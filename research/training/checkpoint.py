@@ -12,17 +12,25 @@ the step it finished synchronously and exits (research/training/loop.py).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 import signal
 import threading
+import time
 from typing import Any
+import warnings
 
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+from etils import epath
 
 from research.errors import UserError
-from research.training.state import TrainState
+from research.training import disk
+from research.training.metrics import log
+from research.training.state import TrainState, no_skips
 
 _ITEMS = ('params', 'opt_state', 'meta', 'data')
 
@@ -36,6 +44,14 @@ def json_lists_to_tuples(obj: Any) -> Any:
   return obj
 
 
+class CheckpointError(UserError):
+  """A checkpoint that cannot be restored (damaged, or written for another config)."""
+
+  def __init__(self, message: str, reason: str = ''):
+    super().__init__(message)
+    self.reason = reason  # the underlying error, in one short line
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
@@ -44,46 +60,174 @@ class Checkpointer:
   """Saves and restores TrainState + data state under workdir/checkpoints."""
 
   def __init__(self, workdir: str, keep: int = 2):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+    # cleanup_tmp_directories: a save that failed (disk full) or was killed
+    # leaves <step>.orbax-checkpoint-tmp behind; the next run frees its space
+    # (safe: a run writes here only while it holds the workdir lock).
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                          item_names=_ITEMS)
+    self._saving = None  # the step of the save in flight, checked before the next save
+    self._closed = False
+    disk.quiet_orbax_after_failed_saves()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, state: TrainState, data_state: dict) -> None:
+    """Starts an asynchronous save of `state`'s step, once the previous one is
+    committed; raises UserError (disk full, ...) if that one or this one failed."""
+    self.wait()
     step = int(jax.device_get(state.step))
+    self._check_space(step, state)
+    self._saving = step
+    with self._stop_on_environment_error():
+      self._save(step, state, data_state)
+
+  def _check_space(self, step: int, state: TrainState) -> None:
+    """Refuses a save that cannot fit on the disk (UserError): one that runs out
+    of space mid-way has orbax's threads fail noisily. A checkpoint takes about
+    what the previous one does (at least the state's bytes); process 0 decides."""
+    short = None
+    if jax.process_index() == 0:
+      latest = self.manager.latest_step()
+      previous = 0 if latest is None else disk.disk_usage(os.path.join(str(self.manager.directory), str(latest)))
+      need = max(disk.state_bytes(state), previous)
+      free = disk.free_bytes(str(self.manager.directory))
+      if free is not None and free < need:
+        short = (free, need)
+    if jax.process_count() > 1:
+      short = disk.broadcast_pair(short)
+    if short is not None:
+      free, need = short
+      raise self._save_failed(step, errno.ENOSPC,
+                              f'{disk.size_text(free)} free, a checkpoint takes about {disk.size_text(need)}')
+
+  def _save(self, step: int, state: TrainState, data_state: dict) -> None:
     self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(state.opt_state),
-        meta=ocp.args.StandardSave({'step': state.step, 'rng': state.rng}),
+        meta=ocp.args.StandardSave({'step': state.step, 'rng': state.rng, 'skipped': state.skipped}),
         data=ocp.args.JsonSave(data_state)))
 
   def wait(self) -> None:
-    """Blocks until every save issued so far is committed on disk."""
-    self.manager.wait_until_finished()
+    """Blocks until every save issued so far is committed on disk; raises
+    UserError when one failed for a reason the user fixes (disk full, ...)."""
+    with self._stop_on_environment_error():
+      self.manager.wait_until_finished()
+    self._saving = None
+
+  @contextlib.contextmanager
+  def _stop_on_environment_error(self):
+    """Turns a failed save of step self._saving into one UserError line, after
+    closing the manager so that no orbax thread outlives it; other errors pass."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
+      code = disk.environment_errno(e)
+      if code is None or self._saving is None:
+        raise
+      step, self._saving = self._saving, None
+      self._close_after_failure()
+      # The writes orbax abandoned are collected at exit, each warning that it never ran.
+      warnings.filterwarnings('ignore', r"coroutine '.*' was never awaited", RuntimeWarning)
+      raise self._save_failed(step, code, os.strerror(code)) from None
+
+  def _save_failed(self, step: int, code: int, detail: str) -> UserError:
+    """The one-line error for a save of `step` that failed (or cannot fit) with errno `code`."""
+    # orbax forgets a failed step, so every step left is committed (saves run one at a time).
+    kept = max((s for s in self.manager.all_steps() if s != step), default=None)
+    kept_msg = 'no earlier checkpoint exists' if kept is None else f'the previous checkpoint {kept} is kept'
+    return UserError(f'{disk.ERRNO_WORDS[code]} while saving checkpoint {step} to {self.manager.directory}: '
+                     f'{detail}; {kept_msg}. {disk.ERRNO_FIX[code]}, then rerun the same command to resume.')
 
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
     """Restores onto the shardings carried by `abstract_state`."""
+    mismatch = _params_mismatch(self.manager.directory / str(step), abstract_state.params)
+    if mismatch:  # checked first: orbax's own failure leaves reads in flight that print tracebacks
+      raise CheckpointError(f'checkpoint {self.manager.directory}/{step} holds another model ({mismatch}); '
+                            'resume with the model config it was written with, or use a new workdir '
+                            'with init_from.', mismatch)
     try:
+      meta = {'step': abstract_state.step, 'rng': abstract_state.rng}
+      # Checkpoints written before the non-finite guard have no `skipped` counters.
+      has_skipped = 'skipped' in _tree_keys(os.path.join(str(self.manager.directory), str(step), 'meta'))
+      if has_skipped:
+        meta['skipped'] = abstract_state.skipped
       out = self.manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(abstract_state.params),
           opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-          meta=ocp.args.StandardRestore({'step': abstract_state.step, 'rng': abstract_state.rng}),
+          meta=ocp.args.StandardRestore(meta),
           data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
-      raise UserError(
-          f'checkpoint {self.manager.directory}/{step} cannot be restored ({type(e).__name__}: '
-          f'{str(e).splitlines()[0][:300]}). If it is damaged, move that step directory away to '
-          'resume from the previous checkpoint; if the model or optimizer config changed, use '
-          'a new workdir with init_from instead.') from None
-    state = TrainState(step=out['meta']['step'], params=out['params'],
-                       opt_state=out['opt_state'], rng=out['meta']['rng'])
+      reason = f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]}'
+      raise CheckpointError(
+          f'checkpoint {self.manager.directory}/{step} cannot be restored ({reason}). If it is '
+          'damaged, move that step directory away to resume from the previous checkpoint; if the '
+          'model or optimizer config changed, use a new workdir with init_from instead.', reason) from None
+    skipped = out['meta']['skipped'] if has_skipped else jax.device_put(no_skips(), abstract_state.skipped.sharding)
+    state = TrainState(step=out['meta']['step'], params=out['params'], opt_state=out['opt_state'],
+                       rng=out['meta']['rng'], skipped=skipped)
     return state, json_lists_to_tuples(out['data'])
 
+  def restore_latest(self, abstract_state: TrainState, *, fallback: bool = True
+                     ) -> tuple[TrainState, dict] | None:
+    """(state, data state) of the newest checkpoint, or None if there is none.
+
+    With `fallback`, a checkpoint that cannot be restored (truncated, bit-flipped)
+    is moved to workdir/damaged_checkpoints/ with a one-line warning and the
+    previous one is tried, so an auto-restarting job does not loop on the same
+    error. Nothing is moved unless an older checkpoint restores: when none does
+    (most likely a changed model config, not damage) the newest one's error is
+    raised. Without `fallback`, the newest one's error is raised at once.
+    """
+    failed = []  # (step, error), newest first
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.restore(step, abstract_state)
+      except CheckpointError as e:
+        if not fallback:
+          raise
+        failed.append((step, e))
+        continue
+      # Only now, with an older checkpoint known to restore, move the newer ones
+      # away: when none restores (a changed model config, not damage) nothing moves.
+      for bad_step, e in failed:
+        moved = self._move_damaged(bad_step)
+        log(f'warning: checkpoint {bad_step} cannot be restored ({e.reason[:150]}); moved it to {moved} '
+            f'and resumed from checkpoint {step} (config.checkpoint_fallback=False turns this off)')
+      return restored
+    if failed:
+      raise failed[0][1]
+    return None
+
+  def _move_damaged(self, step: int) -> str:
+    """Moves checkpoint `step` out of the checkpoint directory (process 0; all wait)."""
+    src = os.path.join(str(self.manager.directory), str(step))
+    dst = os.path.join(os.path.dirname(str(self.manager.directory)), 'damaged_checkpoints', f'{step}-{int(time.time())}')
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      shutil.move(src, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'moved damaged checkpoint {step}')
+    self.manager.reload()
+    return dst
+
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the last save (raising UserError if it failed), then closes; idempotent."""
+    if self._closed:
+      return
+    self.wait()
+    self._closed = True
     self.manager.close()
+
+  def _close_after_failure(self) -> None:
+    # The failure is already in hand: anything close() raises would only hide it.
+    self._closed = True
+    try:
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
 
 
 class Preemption:
@@ -140,6 +284,12 @@ class Preemption:
     return self.signum is not None
 
 
+def _tree_keys(item_dir: str) -> set[str]:
+  """Top-level keys of a saved pytree item (from its metadata only)."""
+  meta = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir))
+  return set(getattr(meta, 'tree', meta))
+
+
 def _saved_param_names(path: str, step: int) -> set[str]:
   """Top-level module names in a checkpoint's params item (from metadata only)."""
   with ocp.CheckpointManager(path, item_names=_ITEMS,
@@ -193,3 +343,29 @@ def restore_params(workdir: str, abstract_params: Any, *, optional: tuple[str, .
                     f'{", ".join(missing[:3])}{" ..." if len(missing) > 3 else ""}); the model config '
                     'must match the one that run used.')
   return out['params'], step
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+  """{"['a']['b']": shape} of a tree of arrays, abstract arrays or array metadata."""
+  return {jax.tree_util.keystr(k): tuple(getattr(v, 'shape', ()))
+          for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _params_mismatch(step_dir, abstract_params: Any) -> str | None:
+  """How the parameter shapes saved in checkpoint directory `step_dir` (an
+  epath.Path; read from its metadata alone) differ from `abstract_params`, or
+  None if they match or the metadata cannot be read. Checked before a restore:
+  orbax's own failure leaves reads in flight that print tracebacks later."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    saved = handler.metadata(step_dir / 'params')
+  except Exception:  # pylint: disable=broad-except  # damaged: the restore reports it
+    return None
+  finally:
+    handler.close()
+  saved, wanted = _shapes(getattr(saved, 'tree', saved)), _shapes(abstract_params)
+  for key in sorted(saved.keys() | wanted.keys()):
+    if saved.get(key) != wanted.get(key):
+      return (f'params{key} is {saved.get(key, "absent")} in the checkpoint but '
+              f'{wanted.get(key, "absent")} in this config')
+  return None

@@ -28,7 +28,7 @@ from research.data.tokenizer import Tokenizer
 from research.errors import UserError
 from research.training import checkpoint as ckpt_lib
 from research.training import sharding
-from research.training.state import TrainState
+from research.training.state import TrainState, no_skips
 from research.training.step import BASE
 from research.training.validate import build_model
 
@@ -55,26 +55,49 @@ def resolve_config(config):
   return resolved
 
 
-def load_tokenizer(config, workdir: str) -> Tokenizer:
-  """The run's tokenizer: its own copy if resuming, init_from's, or the configured one."""
-  own = os.path.join(workdir, 'tokenizer.model')
-  if os.path.exists(own):
+TOKENIZER_FILE = 'tokenizer.model'
+
+
+def load_tokenizer(config, workdir: str, resuming: bool) -> Tokenizer:
+  """The run's tokenizer: its own copy when resuming, else init_from's, or the
+  configured one (trained on the corpus when none is given).
+
+  A copy left in the workdir by a start that failed before its first checkpoint
+  is ignored: only a resumed run reads its own. When resuming, the copy must
+  still equal init_from's, or the vocabulary would mean something else.
+  """
+  own = os.path.join(workdir, TOKENIZER_FILE)
+  origin = (os.path.join(config.init_from, TOKENIZER_FILE)
+            if config.init_from and not config.init_from.startswith(HF_PREFIX) else '')
+  if resuming and os.path.exists(own):
     tok = Tokenizer.load(own)
+    if origin and os.path.exists(origin) and Tokenizer.load(origin).model_proto != tok.model_proto:
+      raise UserError(f'{own} differs from init_from\'s {origin}: that run changed after this one started. '
+                      'Resume needs the same tokenizer; use a new workdir to start from the changed run.')
   elif config.init_from.startswith(HF_PREFIX) and not config.data.tokenizer:
     from research.interop import hf  # pylint: disable=import-outside-toplevel
     tok = hf.load_tokenizer(config.init_from[len(HF_PREFIX):])
-  elif config.init_from and os.path.exists(os.path.join(config.init_from, 'tokenizer.model')):
-    tok = Tokenizer.load(os.path.join(config.init_from, 'tokenizer.model'))
+  elif origin and os.path.exists(origin):
+    tok = Tokenizer.load(origin)
   else:
     tok = pipeline.get_tokenizer(config.data, config.model.vocab_size)
   if tok.vocab_size > config.model.vocab_size:
     raise UserError(f'the tokenizer {tok.path} has {tok.vocab_size} tokens but '
                     f'config.model.vocab_size={config.model.vocab_size}; set model.vocab_size to at '
                     'least the tokenizer size, or use a matching tokenizer.')
-  if jax.process_index() == 0 and not os.path.exists(own):
-    tok.save(own + '.tmp')
-    os.replace(own + '.tmp', own)
   return tok
+
+
+def save_tokenizer(tok: Tokenizer, workdir: str) -> None:
+  """Writes the run's copy of its tokenizer atomically (process 0), once the run
+  has set up, so that a failed start leaves none behind."""
+  if jax.process_index() == 0:
+    own = os.path.join(workdir, TOKENIZER_FILE)
+    try:
+      tok.save(own + '.tmp')
+      os.replace(own + '.tmp', own)
+    except OSError as e:  # name the file (a full disk fails at close, naming none)
+      raise OSError(e.errno, e.strerror, own) from None
 
 
 def _overlay(tree, base):
@@ -109,7 +132,7 @@ def init_state(trainer, base=None) -> tuple[TrainState, Any]:
   def init(rng, base):
     trainable, frozen = layout.split(seeded(rng, base))
     state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=trainer.tx.init(trainable),
-                       rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+                       rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1), skipped=no_skips())
     return state, frozen
 
   base_shardings = jax.tree.map(lambda a: a.sharding, layout.base)
@@ -153,11 +176,13 @@ def _initial_params(trainer):
 
 def setup_state(trainer, ckpt) -> tuple[TrainState, dict, dict | None]:
   """(state, frozen trees by name, data iterator state or None): resumed from
-  the latest checkpoint of `ckpt`, else fresh, warm-started from init_from
+  the latest checkpoint of `ckpt` that restores (config.checkpoint_fallback:
+  see Checkpointer.restore_latest), else fresh, warm-started from init_from
   when set. See Trainer for what `frozen` holds."""
-  latest = ckpt.latest_step() if ckpt is not None else None
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, trainer.abstract_state)
+  restored = (ckpt.restore_latest(trainer.abstract_state, fallback=trainer.config.get('checkpoint_fallback', True))
+              if ckpt is not None else None)
+  if restored is not None:
+    state, data_state = restored
     # Frozen trees are not in the checkpoint: rebuild them exactly.
     initial = _initial_params(trainer) if trainer.held_frozen else {}
     return state, {name: initial for name in trainer.held_frozen}, data_state

@@ -12,6 +12,7 @@ holder died without releasing it (a one-line warning says so).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -41,6 +42,15 @@ def describe(record: dict) -> str:
   if not record:
     return 'another process (which has not recorded itself yet)'
   return f'pid {record.get("pid")} on {record.get("host")} (started {record.get("start")})'
+
+
+def _unwritable(workdir: str, error: OSError) -> UserError:
+  """The UserError for an OSError met writing in `workdir` (read-only, full, forbidden)."""
+  full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+  fix = 'free some space' if full else 'check its permissions'
+  where = f' ({error.filename})' if error.filename and error.filename != workdir else ''
+  return UserError(f'cannot write in workdir {workdir!r}: {error.strerror}{where}; {fix} or use '
+                   'another --workdir.')
 
 
 def _pid_alive(pid) -> bool:
@@ -86,8 +96,11 @@ class WorkdirLock:
     self.release()
 
   def _acquire(self) -> None:
-    os.makedirs(self.workdir, exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise _unwritable(self.workdir, e) from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -102,8 +115,12 @@ class WorkdirLock:
     self._warn_if_stale(_read_record(fd))
     record = {'host': socket.gethostname(), 'pid': os.getpid(),
               'start': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(record) + '\n').encode(), 0)
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, (json.dumps(record) + '\n').encode(), 0)
+    except OSError as e:  # a full disk: the first write of the run fails here
+      os.close(fd)
+      raise _unwritable(self.workdir, e) from None
     self._fd = fd
 
   def _warn_if_stale(self, previous: dict) -> None:

@@ -31,9 +31,10 @@ import jax.numpy as jnp
 
 from research import sampling
 from research.data.tokenizer import Tokenizer
+from research.errors import UserError
 from research.models import count_params
 from research.training import checkpoint as ckpt_lib
-from research.training import init
+from research.training import init, resume
 from research.training.dry_run import dry_run
 from research.training.lock import WorkdirLock
 from research.training.metrics import MetricWriter, log
@@ -88,9 +89,14 @@ def write_config(config, workdir: str) -> None:
   if jax.process_index() != 0:
     return
   path = os.path.join(workdir, 'config.json')
-  with open(path + '.tmp', 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(path + '.tmp', path)
+  try:
+    with open(path + '.tmp', 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + '.tmp', path)
+  except OSError as e:  # a full disk: leave no half-written config.json.tmp behind
+    if os.path.exists(path + '.tmp'):
+      os.remove(path + '.tmp')
+    raise OSError(e.errno, e.strerror, path) from None
 
 
 def evaluate(run: Run) -> dict[str, float]:
@@ -123,7 +129,8 @@ def samples(run: Run) -> list[str]:
     for temp in sorted({0.0, float(s.temperature)}):
       outs = sampling.generate(policy.model, policy.params, prompts, max_new_tokens=s.max_new_tokens,
                                rng=jax.random.PRNGKey(run.config.seed), temperature=temp, top_k=s.top_k,
-                               top_p=s.top_p, stop_tokens=fmt.stop_tokens(tok), pad_id=tok.pad_id)
+                               top_p=s.top_p, stop_tokens=fmt.stop_tokens(tok), pad_id=tok.pad_id,
+                               vocab_limit=tok.vocab_size)
       for p, o in zip(s.prompts, outs):
         lines.append(f'[T={temp:g}] {p!r} -> {tok.decode(o)!r}')
   return lines
@@ -136,6 +143,7 @@ def log_hook(run: Run, step: int) -> None:
   c = run.config
   metrics['train/tokens_per_sec'] = run.interval_steps * c.batch_size * c.seq_len / max(elapsed, 1e-9)
   metrics.pop('train/weight', None)
+  metrics.pop('train/skipped_in_row', None)  # for check_divergence; skipped_steps is the total
   run.writer.write(step, metrics)
   eta = (c.steps - step) * elapsed / run.interval_steps
   log(f'step {step}/{c.steps} | loss {metrics["train/loss"]:.4f} | lr {metrics["train/lr"]:.2e} | '
@@ -145,10 +153,36 @@ def log_hook(run: Run, step: int) -> None:
   run.interval_start, run.interval_steps = time.time(), 0
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def checkpoint_hook(run: Run, step: int) -> None:
-  """Saves the train state with the batch source's state (asynchronously)."""
-  del step
+  """Saves the train state with the batch source's state (asynchronously);
+  refuses a state with non-finite parameters (the step's guard skips non-finite
+  updates, so only an update that overflows gets here)."""
+  if not bool(_all_finite(run.state.params)):
+    raise UserError(f'step {step}: the parameters are not finite, so they were not saved; the newest '
+                    f'checkpoint ({run.ckpt.latest_step()}) is finite. {_DIVERGENCE_FIX}')
   run.ckpt.save(run.state, run.source.get_state())
+
+
+_DIVERGENCE_FIX = ('Lower optimizer.lr (or raise optimizer.warmup_steps), then rerun with '
+                   '--config.allow_changes=optimizer to resume from that checkpoint, or start a new workdir.')
+
+
+def check_divergence(run: Run, step: int, metrics: dict) -> None:
+  """Stops the run (UserError) once optimizer.max_skipped_steps steps in a row
+  up to `step` (whose `metrics` these are) were skipped as non-finite."""
+  in_row = int(jax.device_get(metrics['train/skipped_in_row']))
+  limit = int(run.config.optimizer.max_skipped_steps)
+  if in_row >= limit:
+    first = step - in_row + 1
+    raise UserError(f'training diverged at step {first}: the loss or gradient norm was not finite in '
+                    f'{in_row} steps in a row ({first}..{step}; optimizer.max_skipped_steps={limit}), each '
+                    f'skipped. Checkpoints hold only finite parameters (newest: step {run.ckpt.latest_step()}). '
+                    f'{_DIVERGENCE_FIX}')
 
 
 def eval_hook(run: Run, step: int) -> None:
@@ -191,10 +225,15 @@ def _loop(run: Run, start: int, preemption: ckpt_lib.Preemption) -> int | None:
   config, trainer = run.config, run.trainer
   after_step = hooks(config, run.stage)
   run.interval_start = time.time()
+  previous = None  # (step, metrics) of the step before, checked once this one is dispatched
   with trainer.mesh_context():
     for step in range(start + 1, config.steps + 1):
       batch = trainer.to_global(run.source.next(run.policy()))
       run.state, run.metrics = trainer.train_step(run.state, batch, run.frozen)
+      # One step behind, so that reading the skip counter never stalls the dispatch queue.
+      if previous is not None:
+        check_divergence(run, *previous)
+      previous = (step, run.metrics)
       run.interval_steps += 1
       due = [hook for hook in after_step if hook.due(step, config.steps)]
       for hook in due:
@@ -203,8 +242,11 @@ def _loop(run: Run, start: int, preemption: ckpt_lib.Preemption) -> int | None:
         if hook.fn is not log_hook:  # which restarts the interval itself
           run.interval_start += time.time() - hook_start  # hooks' time is not training throughput
       if step < config.steps and preemption.reached(step):
+        check_divergence(run, step, run.metrics)
         _after_preemption(run, step, due)
         return step
+    if previous is not None:
+      check_divergence(run, *previous)
   return None
 
 
@@ -233,20 +275,37 @@ def _train(config, workdir: str, stage: Stage, devices, preemption) -> dict[str,
     return dry_run(trainer)
 
   os.makedirs(workdir, exist_ok=True)
-  tokenizer = init.load_tokenizer(config, workdir)
-  write_config(config, workdir)
-  source = stage.train_source(tokenizer)
-  eval_data = stage.eval_batches(tokenizer)
-
   # 0 keeps every checkpoint (orbax's max_to_keep=0 would delete each one as it is written).
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints or None)
-  writer = MetricWriter(workdir)
+  writer = None
+  try:  # however it ends, saves in flight are committed and files closed
+    writer = MetricWriter(workdir)
+    return _set_up_and_loop(config, workdir, stage, trainer, ckpt, writer, preemption)
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+
+
+def _set_up_and_loop(config, workdir, stage, trainer, ckpt, writer, preemption) -> dict[str, Any]:
+  """_train() once the workdir's checkpointer and metric writer exist."""
+  latest = ckpt.latest_step()
+  changes = resume.check_resume(config, workdir, latest) if latest is not None else {}
+  tokenizer = init.load_tokenizer(config, workdir, resuming=latest is not None)
+  source = stage.train_source(tokenizer)
+  eval_data = stage.eval_batches(tokenizer)
   state, frozen, data_state = init.setup_state(trainer, ckpt)
   start = int(jax.device_get(state.step))
+  # Set up: only now does the workdir get its tokenizer and config (a failed
+  # start leaves neither for the next one to mistake for its own).
+  init.save_tokenizer(tokenizer, workdir)
+  resume.record_changes(workdir, start, changes)
+  write_config(config, workdir)
+  writer.truncate_after(start)  # rows a killed run logged after its last checkpoint (or before any)
   if data_state is not None:
     source.set_state(data_state)
-    writer.truncate_after(start)
-    log(f'resumed from {ckpt_lib.checkpoint_dir(workdir)}/{start}')
+    log(f'resumed from {ckpt_lib.checkpoint_dir(workdir)}/{start}' +
+        (f' with {resume.describe_changes(changes)}' if changes else ''))
   elif config.init_from:
     log(f'initialised parameters from {config.init_from}')
   n_train = count_params(state.params)
@@ -262,8 +321,7 @@ def _train(config, workdir: str, stage: Stage, devices, preemption) -> dict[str,
 
   t_start = time.time()
   stopped = _loop(run, start, preemption)
-  ckpt.close()
-  writer.close()
+  ckpt.wait()  # the last save is committed, or its failure stops the run, before saying done
   if stopped is not None:
     log(f'preempted at step {stopped}: saved; rerun the same command to resume')
   else:

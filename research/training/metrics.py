@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -49,16 +50,34 @@ class MetricWriter:
       return
     row = {'step': int(step)}
     row.update({k: float(v) for k, v in metrics.items()})
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
-    for k, v in row.items():
-      if k != 'step' and math.isfinite(v):
-        self._tb.add_scalar(k, v, step)
-    self._tb.flush()
+    with _naming(self.path):
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+    with _naming(self._tb.logdir):
+      for k, v in row.items():
+        if k != 'step' and math.isfinite(v):
+          self._tb.add_scalar(k, v, step)
+      self._tb.flush()
 
   def close(self) -> None:
     if self._tb is not None:
-      self._tb.close()
+      try:
+        self._tb.close()
+      except OSError:
+        pass  # write() flushed every row; a full disk must not hide the error that stopped the run
+      self._tb = None
+
+
+@contextlib.contextmanager
+def _naming(path: str):
+  """Gives an OSError raised inside the `path` it concerns: a full disk fails
+  at flush or close, where the OSError names no file."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename:
+      raise
+    raise OSError(e.errno, e.strerror, path) from None
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -12,7 +12,7 @@ they know of it is below.
       train_source=lambda tok: GrainSource(...),   # tokenizer -> BatchSource
       eval_batches=lambda tok: [...],              # tokenizer -> list of global numpy batches
       frozen=('reference',),              # frozen copies of the initial parameters the loss reads
-      evaluators=(ExactMatch(...),),      # (policy, tokenizer, metrics) -> {name: value}
+      evaluators=(GreedyTaskEval(...),),      # (policy, tokenizer, metrics) -> {name: value}
       prompt_format=chat.CHAT,            # how sample prompts are encoded; None: no samples
       hooks=(),                           # more Hook(every, fn) for the loop
     )

@@ -68,8 +68,10 @@ def train_step(state: TrainState, batch: dict, frozen: dict, *, model, loss_fn: 
   """One optimizer update on `batch` (split into `accum` micro-batches).
 
   Returns the new state and metrics: train/loss (weighted over the batch),
-  train/grad_norm, train/lr (of this update), train/weight and the loss's own
-  metrics as train/<name> (means over micro-batches). `micro_shardings`
+  train/grad_norm, train/lr (of this update), train/weight, train/skipped_steps
+  and train/skipped_in_row (the state's counters) and the loss's own metrics as
+  train/<name> (means over micro-batches). A step whose loss or gradient norm is
+  not finite changes neither the parameters nor the optimizer state. `micro_shardings`
   (per batch key, for the [accum, rows, ...] micro-batch stack) keeps each
   device on its own rows; None on one device.
   """
@@ -97,12 +99,23 @@ def train_step(state: TrainState, batch: dict, frozen: dict, *, model, loss_fn: 
         body, (zeros, jnp.float32(0), jnp.float32(0)), (micro, jnp.arange(accum)))
     metrics = jax.tree.map(jnp.mean, metrics)
   grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1.0), grads_sum)
+  loss, grad_norm = loss_sum / jnp.maximum(weight, 1.0), optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  out = {'train/loss': loss_sum / jnp.maximum(weight, 1.0), 'train/grad_norm': optax.tree.norm(grads),
-         'train/lr': schedule(state.step), 'train/weight': weight}
+  # The non-finite guard: a NaN/inf loss or gradient leaves parameters and
+  # optimizer state as they were (the step counter, the schedule and the rng
+  # still advance). Written here rather than with optax.apply_if_finite, which
+  # checks only the gradients and lets updates through after N failures; the
+  # loop stops the run instead (optimizer.max_skipped_steps).
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep_if_skipped = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  params, opt_state = keep_if_skipped(params, state.params), keep_if_skipped(opt_state, state.opt_state)
+  total, in_row = state.skipped[0], state.skipped[1]
+  skipped = jnp.where(finite, jnp.stack([total, 0]), jnp.stack([total + 1, in_row + 1]))
+  out = {'train/loss': loss, 'train/grad_norm': grad_norm, 'train/lr': schedule(state.step),
+         'train/weight': weight, 'train/skipped_steps': skipped[0], 'train/skipped_in_row': skipped[1]}
   out.update({f'train/{k}': v for k, v in metrics.items()})
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), out
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng, skipped=skipped), out
 
 
 def eval_step(params, frozen: dict, batch: dict, *, model, loss_fn: LossFn,

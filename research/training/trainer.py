@@ -79,9 +79,10 @@ class Trainer:
                                           transform_non_params=lambda _: repl,
                                           is_leaf=lambda x: isinstance(x, NamedSharding))
     self.state_shardings = TrainState(step=repl, params=self.param_shardings,
-                                      opt_state=opt_shardings, rng=repl)
+                                      opt_state=opt_shardings, rng=repl, skipped=repl)
     abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable,
-                                opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+                                opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+                                skipped=jax.ShapeDtypeStruct((2,), jnp.int32))
     self.abstract_state = sharding.with_shardings(abstract_state, self.state_shardings)
     self.batch_shardings = {k: sharding.logical_sharding(axes, self.mesh, self.rules)
                             for k, axes in self.stage.batch_axes.items()}

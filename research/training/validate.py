@@ -26,6 +26,9 @@ def validate_run(config, mesh, rules) -> None:
   if int(config.keep_checkpoints) < 0:
     raise UserError(f'config.keep_checkpoints={config.keep_checkpoints}: keep the newest N >= 1 checkpoints, '
                     'or 0 to keep every one.')
+  if int(config.optimizer.get('max_skipped_steps', 1)) < 1:
+    raise UserError(f'config.optimizer.max_skipped_steps={config.optimizer.max_skipped_steps}: the run '
+                    'stops after this many non-finite steps in a row; it must be at least 1.')
   accum = int(config.optimizer.grad_accum_steps)
   if accum <= 0:
     raise UserError(f'config.optimizer.grad_accum_steps={accum} must be positive.')
