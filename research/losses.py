@@ -8,6 +8,9 @@ sum(loss * weight) / sum(weight), so gradient accumulation is exact.
 
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -27,6 +30,58 @@ def token_entropy(logits_BTV: jax.Array) -> jax.Array:
   return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
 
 
+def _chunk_log_probs(logits_fn, with_entropy, features, targets_BC):
+  """token_log_probs (and token_entropy, without gradient) of one chunk's logits."""
+  logits_BCV = logits_fn(features).astype(jnp.float32)
+  logps_BC = token_log_probs(logits_BCV, targets_BC)
+  if not with_entropy:
+    return logps_BC
+  return logps_BC, token_entropy(jax.lax.stop_gradient(logits_BCV))
+
+
+def chunked_token_log_probs(logits_fn: Callable[[Any], jax.Array], features: Any, targets_BT: jax.Array,
+                            chunk_size: int, *, with_entropy: bool = False):
+  """token_log_probs(logits_fn(features), targets_BT) [B, T] without the whole
+  logits: they are formed `chunk_size` positions at a time (jax.lax.map), so only
+  one chunk's float32 logits [B, chunk_size, V] (and its softmax) live at once,
+  and under jax.checkpoint, so the backward recomputes each chunk's logits rather
+  than storing them (one more [B, T, D] x [D, V] matmul in all).
+
+  `features` is a pytree of per-position inputs [B, T, ...] (the final hidden
+  states: models.target_log_probs passes the model's layers.Unembedding) and
+  `logits_fn` maps a chunk of it ([B, C, ...]) to logits [B, C, V], including any
+  per-row transform (temperature, vocabulary mask). Chunks run over the sequence
+  (not flattened tokens), so the batch axis keeps its sharding. A length that
+  `chunk_size` does not divide ends with one shorter chunk. With with_entropy,
+  returns (log-probs, token_entropy of each position, no gradient).
+  """
+  if chunk_size <= 0:
+    raise ValueError(f'chunk_size={chunk_size} must be positive')
+  # prevent_cse=False: the chunks run inside a loop, which already keeps XLA from
+  # merging the backward's recomputation with the forward (JAX's advice for scan).
+  chunk = jax.checkpoint(functools.partial(_chunk_log_probs, logits_fn, with_entropy), prevent_cse=False)
+  B, T = targets_BT.shape
+  n, C = T // chunk_size, chunk_size
+  outs = []
+  if n:  # whole chunks, one after another: [B, n*C, ...] -> [n, B, C, ...]
+    split = lambda x: jnp.moveaxis(x[:, :n * C].reshape((B, n, C) + x.shape[2:]), 1, 0)
+    ys = jax.lax.map(lambda xs: chunk(*xs), jax.tree.map(split, (features, targets_BT)))
+    outs.append(jax.tree.map(lambda y_NBC: jnp.moveaxis(y_NBC, 0, 1).reshape(B, n * C), ys))
+  if T > n * C:  # the remainder
+    outs.append(chunk(*jax.tree.map(lambda x: x[:, n * C:], (features, targets_BT))))
+  if len(outs) == 1:
+    return outs[0]
+  return jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *outs)
+
+
+def masked_mean_nll(logps_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Cross-entropy from target log-probs: (mean of -logps over masked positions,
+  number of masked positions); an all-zero mask gives loss 0 rather than NaN."""
+  mask = mask_BT.astype(jnp.float32)
+  n = jnp.sum(mask)
+  return jnp.sum(-logps_BT * mask) / jnp.maximum(n, 1.0), n
+
+
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
                   mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Masked next-token cross-entropy.
@@ -34,10 +89,13 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
   Returns (mean loss over masked positions, number of masked positions); an
   all-zero mask gives loss 0 rather than NaN.
   """
+  return masked_mean_nll(token_log_probs(logits_BTV, targets_BT), mask_BT)
+
+
+def masked_sums(logps_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(summed log-probs of the masked positions of each sequence [B], their number [B])."""
   mask = mask_BT.astype(jnp.float32)
-  nll_BT = -token_log_probs(logits_BTV, targets_BT)
-  n = jnp.sum(mask)
-  return jnp.sum(nll_BT * mask) / jnp.maximum(n, 1.0), n
+  return jnp.sum(logps_BT * mask, axis=-1), jnp.sum(mask, axis=-1)
 
 
 def sequence_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array,
@@ -47,8 +105,7 @@ def sequence_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array,
   Returns (logps_B, n_tokens_B); logps_B / n_tokens_B is the per-token average
   used by length-normalised losses (SimPO, ORPO).
   """
-  mask = mask_BT.astype(jnp.float32)
-  return jnp.sum(token_log_probs(logits_BTV, targets_BT) * mask, axis=-1), jnp.sum(mask, axis=-1)
+  return masked_sums(token_log_probs(logits_BTV, targets_BT), mask_BT)
 
 
 def _mean(x):

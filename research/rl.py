@@ -7,10 +7,11 @@ dry-run plan. (Stages do not import each other; this module is their common grou
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research import evaluation, losses, models, rewards, sampling
+from research import evaluation, models, rewards, sampling
 from research.data import sft as sft_data
 from research.errors import UserError
 from research.rollouts import RolloutSettings
@@ -23,7 +24,10 @@ def sampler_logits(logits_BTV, batch, temperature: float):
   the sampler never draws past; absent: no mask) at -inf-ish. Masking the same
   ids as the sampler keeps the trainer's log-probs (and the ratio) on its distribution."""
   logits = logits_BTV / temperature if temperature > 0 else logits_BTV
-  return sampling.mask_vocab(logits, batch.get('vocab_limit'))
+  masked = sampling.mask_vocab(logits, batch.get('vocab_limit'))
+  # Kept laid out as the model's logits: otherwise the [B] limit can steer the
+  # partitioner to another split of the vocabulary reductions (same values, other rounding).
+  return nn.with_logical_constraint(masked, ('batch', 'length', 'vocab'))
 
 
 def scaled_logits(model, params, batch, temperature: float, rng=None):
@@ -33,20 +37,24 @@ def scaled_logits(model, params, batch, temperature: float, rng=None):
   return sampler_logits(logits, batch, temperature)
 
 
-def token_logps(model, params, batch, temperature: float, rng=None):
-  """log p [B, T] of each target token at `temperature` (the sampling distribution)."""
-  return losses.token_log_probs(scaled_logits(model, params, batch, temperature, rng), batch['targets'])
+def token_logps(model, params, batch, temperature: float, rng=None, **outputs):
+  """log p [B, T] of each target token at `temperature` (the sampling distribution),
+  chunked with config.model.logits_chunk; `outputs` (with_entropy, with_values)
+  adds the entropy and the critic's values as models.target_log_probs does."""
+  return models.target_log_probs(model, params, batch, rng,
+                                 logits_fn=lambda logits: sampler_logits(logits, batch, temperature), **outputs)
 
 
-def policy_metrics(logits_BTV, logps_BT, batch) -> dict:
-  """The policy's entropy (nats per reply token, at the sampling temperature) and
-  the sampler-versus-trainer log-probability difference (max and mean over reply
-  tokens): on a rollout's first step the parameters are equal, so the difference
-  is the mismatch of the two code paths."""
+def policy_metrics(entropy_BT, logps_BT, batch) -> dict:
+  """The policy's entropy (nats per reply token, at the sampling temperature:
+  token_logps(..., with_entropy=True)) and the sampler-versus-trainer
+  log-probability difference (max and mean over reply tokens): on a rollout's
+  first step the parameters are equal, so the difference is the mismatch of the
+  two code paths."""
   m = batch['loss_mask'].astype(jnp.float32)
   n = jnp.maximum(jnp.sum(m), 1.0)
   diff = jnp.abs(jax.lax.stop_gradient(logps_BT) - batch['old_logps']) * m
-  entropy = losses.token_entropy(jax.lax.stop_gradient(logits_BTV))
+  entropy = jax.lax.stop_gradient(entropy_BT)
   return {'entropy': jnp.sum(entropy * m) / n, 'logp_diff/max': jnp.max(diff), 'logp_diff/mean': jnp.sum(diff) / n}
 
 

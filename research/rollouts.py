@@ -235,9 +235,8 @@ def values_and_reference_logps(model, params, reference, batch: dict, temperatur
                                             batch['segment_ids'])
   if reference is None:
     return values_BT, None
-  ref_logits = models.forward(model, reference, batch['inputs'], batch['positions'], batch['segment_ids'])
-  ref_logits = sampling.mask_vocab(ref_logits / temperature, batch.get('vocab_limit'))
-  return values_BT, losses.token_log_probs(ref_logits, batch['targets'])
+  scale = lambda logits: sampling.mask_vocab(logits / temperature, batch.get('vocab_limit'))
+  return values_BT, models.target_log_probs(model, reference, batch, logits_fn=scale)  # chunked if configured
 
 
 def token_rewards(score_B: np.ndarray, logps_BT: np.ndarray, ref_logps_BT: np.ndarray | None,

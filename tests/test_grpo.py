@@ -133,11 +133,17 @@ def test_mesh_matches_one_device_for_three_steps(test_config, tmp_path):
   mesh = tmp_path / 'mesh'
   train(make_grpo_config(test_config, mesh__data=2, mesh__fsdp=2, mesh__tensor=2), mesh)
   # (train/loss is not compared: on-policy it is -mean(A) = 0 up to rounding.)
+  # train/kl is a mean of exp(d) - d - 1 over tokens, d a difference of float32
+  # log-probs of size ~1-10 (ulp 1e-7 to 1e-6), so it cannot agree better than
+  # about |d| x ulp in absolute terms: 3e-7. (With the sampler's vocabulary mask
+  # active, as here, the meshes differ by 1.3e-7 at step 3, 2e-5 of a KL of 0.006.)
+  floor = {'train/kl': 3e-7}
   for key in ('train/grad_norm', 'train/kl', 'rollout/reward/mean', 'rollout/completion/length'):
     want, got = _metric_rows(str(one), key), _metric_rows(str(mesh), key)
     assert sorted(got) == [1, 2, 3], key
     for step in got:
-      assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]) + 1e-9, (key, step, got[step], want[step])
+      assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]) + floor.get(key, 1e-9), \
+          (key, step, got[step], want[step])
   assert _metric_rows(str(one), 'train/kl')[3] > 0 and _metric_rows(str(one), 'train/grad_norm')[1] > 0
 
 

@@ -116,6 +116,19 @@ def test_eval_step_returns_weighted_sums():
   np.testing.assert_allclose(float(out['loss_sum']), float(loss) * 60, rtol=1e-6)
 
 
+@pytest.mark.parametrize('accum', [2, 4])
+def test_eval_in_micro_batches_sums_the_rows_of_the_whole_batch(accum):
+  """Evaluation split like training: the sums equal those of each row evaluated
+  alone, added up (the rows each micro-batch takes do not matter to a sum)."""
+  model = Model(CFG)
+  params, batch = init_params(model), _batch()
+  got = jax.jit(functools.partial(step.eval_step, model=model, loss_fn=pretrain.loss, accum=accum))(params, {}, batch)
+  one = jax.jit(lambda row: pretrain.loss(model, params, row, {}, None))
+  per_row = [one(jax.tree.map(lambda x, i=i: x[i:i + 1], batch)) for i in range(4)]
+  assert float(got['weight']) == sum(float(n) for _, n, _ in per_row) == 60
+  np.testing.assert_allclose(float(got['loss_sum']), sum(float(l) * float(n) for l, n, _ in per_row), rtol=1e-6)
+
+
 def _poisoned(model, params, batch, frozen, rng):
   """pretrain.loss times batch['poison'] (1, or NaN / inf to make the step non-finite)."""
   rest = {k: v for k, v in batch.items() if k != 'poison'}

@@ -4,7 +4,8 @@ A family is a module exporting the same five names:
 
     Config           frozen dataclass of the architecture (from_hf / to_hf / validate)
     Model            the Flax module: model.apply({'params': p}, tokens, positions,
-                     segment_ids, cache) -> (logits_BTV, cache)
+                     segment_ids, cache) -> (logits_BTV, cache); with unembedding=True
+                     the first output is a layers.Unembedding instead (chunked losses)
     init_cache       (cfg, batch, max_len) -> an empty KV cache
     hf_param_map     cfg -> (global rows, per-layer rows) to and from HF tensor names
     flops_per_token  (cfg, seq_len) -> training FLOPs per token
@@ -16,12 +17,14 @@ research/models/layers.py) and add it to FAMILIES.
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from research import losses
 from research.errors import UserError
 from research.models import llama, qwen3
 from research.models.layers import LoraConfig, count_params
@@ -35,7 +38,8 @@ FAMILIES: dict[str, ModuleType] = {
 NEW_HEADS = ('score', 'value')
 
 __all__ = ['FAMILIES', 'NEW_HEADS', 'LoraConfig', 'count_params', 'family', 'family_for_hf', 'model_config',
-           'build', 'init_cache', 'repeat_cache', 'flops_per_token', 'forward', 'forward_with_values']
+           'build', 'init_cache', 'repeat_cache', 'flops_per_token', 'forward', 'forward_with_values',
+           'target_log_probs']
 
 
 def family(name: str) -> ModuleType:
@@ -97,3 +101,37 @@ def forward_with_values(model, params, tokens_BT, positions_BT=None, segment_ids
   (out, _), state = model.apply({'params': params}, tokens_BT, positions_BT, segment_ids_BT,
                                 rngs={} if rng is None else {'dropout': rng}, mutable=['intermediates'])
   return out, state['intermediates']['values'][0]
+
+
+def target_log_probs(model, params, batch, rng=None, *, logits_fn=None, with_entropy=False,
+                     with_values=False):
+  """log p [B, T] of batch['targets'] under a training forward pass of batch['inputs']
+  (with its 'positions' and 'segment_ids'); `rng` turns on dropout (LoRA).
+
+  `logits_fn` transforms the logits [B, ..., V] first (RL: the sampling temperature
+  and vocabulary mask; rows stay rows). With config.model.logits_chunk = 0 the
+  logits [B, T, V] are formed whole; with C > 0 they are formed C positions at a
+  time (losses.chunked_token_log_probs): the same values to float rounding, in
+  [B, C, V] memory. Returns logps_BT, then entropy_BT (nats, at the transformed
+  logits, no gradient) with with_entropy, then values_BT (the critic,
+  config.model.value_head) with with_values.
+  """
+  logits_fn = logits_fn or (lambda logits: logits)
+  chunk = model.cfg.logits_chunk
+  apply = functools.partial(model.apply, {'params': params}, batch['inputs'], batch['positions'],
+                            batch['segment_ids'], unembedding=chunk > 0, rngs={} if rng is None else {'dropout': rng})
+  if with_values:
+    (out, _), state = apply(mutable=['intermediates'])
+  else:
+    out, _ = apply()
+  if chunk > 0:  # out: the model's layers.Unembedding
+    result = losses.chunked_token_log_probs(lambda f: logits_fn(out.logits(f)), out.features, batch['targets'],
+                                            chunk, with_entropy=with_entropy)
+  else:
+    logits = logits_fn(out)
+    logps = losses.token_log_probs(logits, batch['targets'])
+    result = (logps, losses.token_entropy(jax.lax.stop_gradient(logits))) if with_entropy else logps
+  result = result if isinstance(result, tuple) else (result,)
+  if with_values:
+    result += (state['intermediates']['values'][0],)
+  return result if len(result) > 1 else result[0]

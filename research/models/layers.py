@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 Array = jax.Array
 # Large negative instead of -inf: a fully masked row (padding) gives a uniform
@@ -138,10 +139,15 @@ class Linear(nn.Module):
   f32_output: bool = False  # accumulate and return float32 (the output layer's logits)
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, defer: bool = False):
+    """x . W (+ b) (+ LoRA); with defer=True, an Unembedding instead: this layer's
+    weights and per-token inputs, whose .logits(chunk of features) gives the same
+    output a chunk at a time (an output layer with n_in=1 and no bias only)."""
     shape = tuple(x.shape[-self.n_in:]) + tuple(self.features)
     kernel = self.param('kernel', nn.with_logical_partitioning(
         nn.initializers.normal(self.init_std), self.axes), shape, self.param_dtype)
+    if defer:
+      return self._deferred(x, kernel, shape)
     # As one 2-D matmul [rows, in] x [in, out] (reshapes are free): with the
     # leading dims (batch, length) kept apart, the kernel gradient contracts
     # two dims, which XLA:CPU lowers to a transposed copy of the output
@@ -159,11 +165,28 @@ class Linear(nn.Module):
       y = y + self._lora_delta(x, shape)
     return y
 
+  def _deferred(self, x, kernel, shape) -> 'Unembedding':
+    if self.n_in != 1 or self.use_bias or len(self.features) != 1:
+      raise ValueError('Linear(defer=True) is for an output layer: one input and one output dim, no bias.')
+    features = {'hidden': x.astype(self.dtype)}
+    lora_b, scale = None, 0.0
+    if self._has_lora():  # A's side is per token and cheap ([..., r]); B's waits for each chunk
+      features['lora'], lora_b = self._lora_in(x, shape)
+      scale = self.lora.scale
+    return Unembedding(features, kernel, lora_b_RV=lora_b, lora_scale=scale, dtype=self.dtype,
+                       f32_output=self.f32_output)
+
   def _has_lora(self) -> bool:
     return (self.lora is not None and self.lora.rank > 0 and
             re.fullmatch(self.lora.targets, '/'.join(self.path) + '/kernel') is not None)
 
   def _lora_delta(self, x, shape):
+    h, b = self._lora_in(x, shape)
+    delta = jax.lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
+    return self.lora.scale * delta
+
+  def _lora_in(self, x, shape):
+    """(dropout(x) . A [..., r] in the compute dtype, B [r, out...])."""
     r = self.lora.rank
     in_shape = shape[:self.n_in]
     a = self.param('lora_a', nn.with_logical_partitioning(
@@ -177,8 +200,47 @@ class Linear(nn.Module):
     contract = tuple(range(x.ndim - self.n_in, x.ndim))
     h = jax.lax.dot_general(x.astype(self.dtype), a.astype(self.dtype),
                             ((contract, tuple(range(self.n_in))), ((), ())))
-    delta = jax.lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
-    return self.lora.scale * delta
+    return h, b
+
+
+@struct.dataclass
+class Unembedding:
+  """An output layer not yet applied: its per-token inputs and its weights, so a
+  loss can form logits a chunk of positions at a time (losses.chunked_token_log_probs)
+  instead of holding [B, T, V] at once. `logits` computes what the model's head
+  computes, with the same operations.
+
+  features: {'hidden': [B, T, D] final normed hidden states (compute dtype), and with
+            LoRA on the head 'lora': [B, T, r] = dropout(hidden) . lora_a}
+  kernel:   [D, V] (an lm_head), or [V, D] with transposed=True (tied: the embedding),
+            in the parameter dtype: cast to `dtype` inside each chunk, so that the
+            gradient summed over chunks stays in the parameter dtype (float32), not bfloat16
+  """
+
+  features: dict
+  kernel: Array
+  lora_b_RV: Array | None = None
+  lora_scale: float = struct.field(pytree_node=False, default=0.0)
+  transposed: bool = struct.field(pytree_node=False, default=False)
+  dtype: Any = struct.field(pytree_node=False, default=jnp.float32)
+  f32_output: bool = struct.field(pytree_node=False, default=True)
+
+  def logits(self, features: dict) -> Array:
+    """Logits [B, C, V] of a chunk of `features` ([B, C, ...] each), float32 when
+    the head accumulates in float32, vocab sharded like the full logits."""
+    x_BCD = nn.with_logical_constraint(features['hidden'], ('batch', 'length', 'embed'))
+    out = jnp.float32 if self.f32_output else None
+    kernel = self.kernel.astype(self.dtype)
+    if self.transposed:
+      y_BCV = jnp.einsum('btd,vd->btv', x_BCD, kernel, preferred_element_type=out)
+    else:  # 2-D, as Linear computes it (see there)
+      D, V = kernel.shape
+      y_BCV = jax.lax.dot_general(x_BCD.reshape(-1, D), kernel, (((1,), (0,)), ((), ())),
+                                  preferred_element_type=out).reshape(x_BCD.shape[:-1] + (V,))
+    if self.lora_b_RV is not None:
+      h, b = features['lora'], self.lora_b_RV.astype(self.dtype)
+      y_BCV = y_BCV + self.lora_scale * jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())))
+    return nn.with_logical_constraint(y_BCV, ('batch', 'length', 'vocab'))
 
 
 @jax.custom_vjp

@@ -31,7 +31,7 @@ import numpy as np
 
 from research.errors import UserError
 from research.models.layers import (ATTENTION_IMPLS, REMAT_POLICIES, Attention, Linear, LoraConfig, RMSNorm,
-                                    Rope, SwiGLU, attention_mask, remat_block)
+                                    Rope, SwiGLU, Unembedding, attention_mask, remat_block)
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -75,6 +75,11 @@ class Config:
   # output [B, T] read by models.forward_with_values (other callers never see it).
   # none | shared (the value loss trains the trunk too) | detached (only the layer).
   value_head: str = 'none'
+  # Cross-entropy and log-probs over this many positions at a time (models.target_log_probs):
+  # the loss then never holds the float32 logits [B, T, V], only [B, chunk, V], and the
+  # backward recomputes each chunk's. 0: the plain path (whole logits). Does not change
+  # the parameters or the values (to float rounding); the score head ignores it.
+  logits_chunk: int = 0
 
   def __post_init__(self):
     if self.head_dim == 0 and self.n_heads > 0:
@@ -111,6 +116,9 @@ class Config:
     if self.value_head not in ('none', 'shared', 'detached'):
       raise UserError(f"config.model.value_head={self.value_head!r}; choose 'none', 'shared' (a critic "
                       "trained with the trunk) or 'detached' (only its own layer trains).")
+    if self.logits_chunk < 0:
+      raise UserError(f'config.model.logits_chunk={self.logits_chunk}; use 0 (whole logits) or a number '
+                      'of positions per chunk (e.g. 1024).')
     if self.attention_impl not in ATTENTION_IMPLS:
       raise UserError(f'config.model.attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}.')
     if self.remat not in REMAT_POLICIES:
@@ -241,7 +249,7 @@ class Model(nn.Module):
   lora: LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, unembedding=False):
     """Forward pass.
 
     Args:
@@ -250,6 +258,9 @@ class Model(nn.Module):
       segment_ids_BT: 0 marks padding, equal ids form one document; default 1.
       cache: None for training, or the dict from `init_cache` when decoding:
         this call's tokens go to cache slots [cache['index'], +T).
+      unembedding: return the output layer unapplied (layers.Unembedding: the
+        final normed hidden states and the head's weights) instead of the logits,
+        for a loss that forms them a chunk at a time. head='lm' only.
 
     Returns:
       (logits_BTV in float32, the updated cache or None). With cfg.head='score'
@@ -303,24 +314,29 @@ class Model(nn.Module):
     head = lambda features, axes, name: Linear((features,), axes, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                                init_std=cfg.init_std, lora=self.lora, f32_output=True,
                                                name=name)
-    if cfg.head == 'score':
-      logits_BTV = head(1, ('embed', None), 'score')(x_BTD)
+    if unembedding:  # the output layer unapplied; a value head below still applies
+      if cfg.head != 'lm':
+        raise ValueError(f"unembedding=True needs head='lm', not {cfg.head!r}")
+      out = (Unembedding({'hidden': x_BTD}, embed.embedding, transposed=True, dtype=cfg.dtype)
+             if cfg.tie_embeddings else head(cfg.vocab_size, ('embed', 'vocab'), 'lm_head')(x_BTD, defer=True))
+    elif cfg.head == 'score':
+      out = head(1, ('embed', None), 'score')(x_BTD)
     elif cfg.tie_embeddings:
-      logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, embed.embedding.astype(cfg.dtype),
-                              preferred_element_type=jnp.float32)
+      out = jnp.einsum('btd,vd->btv', x_BTD, embed.embedding.astype(cfg.dtype), preferred_element_type=jnp.float32)
     else:
-      logits_BTV = head(cfg.vocab_size, ('embed', 'vocab'), 'lm_head')(x_BTD)
+      out = head(cfg.vocab_size, ('embed', 'vocab'), 'lm_head')(x_BTD)
     if cfg.value_head != 'none':  # sown: the sampler and plain forwards pay one [D, 1] matmul, outputs unchanged
       features = jax.lax.stop_gradient(x_BTD) if cfg.value_head == 'detached' else x_BTD
       values_BT = head(1, ('embed', None), 'value')(features)[..., 0].astype(jnp.float32)
       self.sow('intermediates', 'values', nn.with_logical_constraint(values_BT, ('batch', 'length')))
-    out_axis = None if cfg.head == 'score' else 'vocab'
-    logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ('batch', 'length', out_axis))
+    if not unembedding:  # logits_BTV (or scores_BT1)
+      out_axis = None if cfg.head == 'score' else 'vocab'
+      out = nn.with_logical_constraint(out.astype(jnp.float32), ('batch', 'length', out_axis))
 
     new_cache = None
     if cache is not None:
       new_cache = {'layers': new_layer_caches, 'segment_ids': kv_seg_BS, 'index': start + T}
-    return logits_BTV, new_cache
+    return out, new_cache
 
 
 def init_cache(cfg: Config, batch_size: int, max_len: int, dtype=None) -> dict:

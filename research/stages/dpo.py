@@ -50,16 +50,15 @@ def pair_logps(model, params, batch, rng=None, pairs_per_row: int = 1):
   replies: (chosen, rejected, chosen count, rejected count), in one forward
   pass. P = rows for one pair per row, rows * pairs_per_row packed (a pair is
   a segment; research/data/pairs.py); padding pairs get 0 and 0."""
-  side = lambda k: pairs.stack_sides(batch, k)
-  seg_2RT = side('segment_ids')
-  logits_2RTV = models.forward(model, params, side('inputs'), side('positions'), seg_2RT, rng)
-  mask_2RT = (side('loss_mask') > 0) & (seg_2RT > 0)
+  rows = {k: pairs.stack_sides(batch, k) for k in ('inputs', 'positions', 'segment_ids', 'targets', 'loss_mask')}
+  seg_2RT = rows['segment_ids']
+  tok_2RT = models.target_log_probs(model, params, rows, rng)  # chunked with config.model.logits_chunk
+  mask_2RT = (rows['loss_mask'] > 0) & (seg_2RT > 0)
   if pairs_per_row == 1:  # a sum over each row
-    logps, n = losses.sequence_logprobs(logits_2RTV, side('targets'), mask_2RT)
+    logps, n = losses.masked_sums(tok_2RT, mask_2RT)
   else:  # a sum over each pair's segment
     mask = mask_2RT.astype(jnp.float32)
-    tok_2RT = losses.token_log_probs(logits_2RTV, side('targets')) * mask
-    logps, n = (pairs.segment_sums(x, seg_2RT, pairs_per_row) for x in (tok_2RT, mask))
+    logps, n = (pairs.segment_sums(x, seg_2RT, pairs_per_row) for x in (tok_2RT * mask, mask))
   logps_2P, n_2P = logps.reshape(2, -1), n.reshape(2, -1)  # the chosen rows come first
   return logps_2P[0], logps_2P[1], n_2P[0], n_2P[1]
 

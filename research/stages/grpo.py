@@ -37,8 +37,7 @@ def make_loss(g):
 
   def loss(model, params, batch, frozen, rng):
     mask = batch['loss_mask']
-    logits = rl.scaled_logits(model, params, batch, g.temperature, rng)
-    logps = losses.token_log_probs(logits, batch['targets'])
+    logps, entropy = rl.token_logps(model, params, batch, g.temperature, rng, with_entropy=True)
     ref = None
     if 'reference' in frozen:
       ref = rl.token_logps(model, jax.lax.stop_gradient(frozen['reference']), batch, g.temperature)
@@ -52,7 +51,7 @@ def make_loss(g):
     else:  # per-sequence means: weigh by the rows that hold a reply (zero-weight rows do not count)
       rows = jnp.sum(jnp.max(m, axis=-1))
       value, weight = value * m.shape[0] / jnp.maximum(rows, 1.0), rows
-    metrics.update(rl.policy_metrics(logits, logps, batch))
+    metrics.update(rl.policy_metrics(entropy, logps, batch))
     return value, weight, metrics
   return loss
 

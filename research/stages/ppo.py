@@ -7,7 +7,7 @@ num_generations prompts (research/rollouts.py: PPOSource), scores them with
 config.ppo.rewards (by default the reward stage's model), and builds per-token
 rewards, -kl_coef (log pi - log ref) on every reply token plus the score on the
 last one. The critic is a `value` head on the policy's trunk
-(config.model.value_head, read by models.forward_with_values): one parameter
+(config.model.value_head, read with the log-probs by rl.token_logps): one parameter
 tree, one optimizer state and one forward pass serve both, where a separate
 critic would double the model's memory. Its values at the rollout's parameters
 give GAE advantages (whitened over the batch) and returns; the loss is
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from research import losses, models, rl
+from research import losses, rl
 from research.data import chat
 from research.errors import UserError
 from research.rollouts import CriticSettings, PPOSource
@@ -42,17 +42,15 @@ def make_loss(p):
 
   def loss(model, params, batch, frozen, rng):
     del frozen  # the KL to the reference is in the rollout's rewards
-    logits, values = models.forward_with_values(model, params, batch['inputs'], batch['positions'],
-                                                batch['segment_ids'], rng)
-    logits = rl.sampler_logits(logits, batch, p.temperature)
-    logps = losses.token_log_probs(logits, batch['targets'])
+    logps, entropy, values = rl.token_logps(model, params, batch, p.temperature, rng, with_entropy=True,
+                                            with_values=True)
     mask = batch['loss_mask']
     pg, metrics = losses.policy_loss(logps, batch['old_logps'], batch['advantages'], mask,
                                      clip_eps=p.clip_eps, aggregation='token_mean')
     vf = losses.value_loss(values, batch['old_values'], batch['returns'], mask, clip_eps=p.value_clip)
     m = mask.astype(jnp.float32)
     n = jnp.maximum(jnp.sum(m), 1.0)
-    metrics.update(rl.policy_metrics(logits, logps, batch))
+    metrics.update(rl.policy_metrics(entropy, logps, batch))
     metrics.pop('kl')  # the KL is in the rewards: rollout/kl/sequence
     metrics.update({'policy_loss': pg, 'value_loss': vf, 'values/mean': jnp.sum(values * m) / n})
     return pg + p.vf_coef * vf, jnp.sum(m), metrics

@@ -12,8 +12,8 @@ BATCH_AXES = {k: ('batch', 'length') for k in ('inputs', 'targets', 'segment_ids
 def loss(model, params, batch, frozen, rng):
   """Mean next-token cross-entropy over non-padding tokens (rng: dropout, None in eval)."""
   del frozen
-  logits_BTV = models.forward(model, params, batch['inputs'], batch['positions'], batch['segment_ids'], rng)
-  ce, n_tokens = losses.cross_entropy(logits_BTV, batch['targets'], batch['segment_ids'] > 0)
+  logps_BT = models.target_log_probs(model, params, batch, rng)  # chunked with config.model.logits_chunk
+  ce, n_tokens = losses.masked_mean_nll(logps_BT, batch['segment_ids'] > 0)
   return ce, n_tokens, {}
 
 

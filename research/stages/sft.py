@@ -22,9 +22,9 @@ BATCH_AXES = {k: ('batch', 'length') for k in sft_data.BATCH_KEYS}
 def loss(model, params, batch, frozen, rng):
   """Cross-entropy on the masked (by default: assistant) target tokens."""
   del frozen
-  logits_BTV = models.forward(model, params, batch['inputs'], batch['positions'], batch['segment_ids'], rng)
+  logps_BT = models.target_log_probs(model, params, batch, rng)  # chunked with config.model.logits_chunk
   mask_BT = (batch['loss_mask'] > 0) & (batch['segment_ids'] > 0)
-  ce, n = losses.cross_entropy(logits_BTV, batch['targets'], mask_BT)
+  ce, n = losses.masked_mean_nll(logps_BT, mask_BT)
   return ce, n, {}
 
 

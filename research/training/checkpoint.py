@@ -6,8 +6,8 @@ asynchronous and atomic (orbax writes to a temporary directory and renames it),
 so a run killed mid-save leaves the previous checkpoint intact. Restores take
 an abstract target carrying shardings, so a checkpoint loads onto any mesh.
 
-Preemption (SIGTERM, SIGINT) is noticed by `Preemption`; the loop then saves
-the step it finished synchronously and exits (research/training/loop.py).
+Preemption (SIGTERM, SIGINT) is noticed by `preemption.Preemption`; the loop
+then saves the step it finished synchronously and exits (loop.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import contextlib
 import errno
 import os
 import shutil
-import signal
-import threading
 import time
 from typing import Any
 import warnings
@@ -25,14 +23,13 @@ import warnings
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
-from etils import epath
 
 from research.errors import UserError
-from research.training import disk
+from research.training import checkpoint_meta, disk
 from research.training.metrics import log
 from research.training.state import TrainState, no_skips
 
-_ITEMS = ('params', 'opt_state', 'meta', 'data')
+_ITEMS = checkpoint_meta.ITEMS
 
 
 def json_lists_to_tuples(obj: Any) -> Any:
@@ -86,18 +83,8 @@ class Checkpointer:
 
   def _check_space(self, step: int, state: TrainState) -> None:
     """Refuses a save that cannot fit on the disk (UserError): one that runs out
-    of space mid-way has orbax's threads fail noisily. A checkpoint takes about
-    what the previous one does (at least the state's bytes); process 0 decides."""
-    short = None
-    if jax.process_index() == 0:
-      latest = self.manager.latest_step()
-      previous = 0 if latest is None else disk.disk_usage(os.path.join(str(self.manager.directory), str(latest)))
-      need = max(disk.state_bytes(state), previous)
-      free = disk.free_bytes(str(self.manager.directory))
-      if free is not None and free < need:
-        short = (free, need)
-    if jax.process_count() > 1:
-      short = disk.broadcast_pair(short)
+    of space mid-way has orbax's threads fail noisily."""
+    short = disk.space_shortfall(str(self.manager.directory), self.manager.latest_step(), state)
     if short is not None:
       free, need = short
       raise self._save_failed(step, errno.ENOSPC,
@@ -143,7 +130,7 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
     """Restores onto the shardings carried by `abstract_state`."""
-    mismatch = _params_mismatch(self.manager.directory / str(step), abstract_state.params)
+    mismatch = checkpoint_meta.params_mismatch(self.manager.directory / str(step), abstract_state.params)
     if mismatch:  # checked first: orbax's own failure leaves reads in flight that print tracebacks
       raise CheckpointError(f'checkpoint {self.manager.directory}/{step} holds another model ({mismatch}); '
                             'resume with the model config it was written with, or use a new workdir '
@@ -151,7 +138,8 @@ class Checkpointer:
     try:
       meta = {'step': abstract_state.step, 'rng': abstract_state.rng}
       # Checkpoints written before the non-finite guard have no `skipped` counters.
-      has_skipped = 'skipped' in _tree_keys(os.path.join(str(self.manager.directory), str(step), 'meta'))
+      meta_dir = os.path.join(str(self.manager.directory), str(step), 'meta')
+      has_skipped = 'skipped' in checkpoint_meta.tree_keys(meta_dir)
       if has_skipped:
         meta['skipped'] = abstract_state.skipped
       out = self.manager.restore(step, args=ocp.args.Composite(
@@ -230,74 +218,6 @@ class Checkpointer:
       pass
 
 
-class Preemption:
-  """Whether the run was asked to stop, as a step every process agrees on.
-
-  One process: SIGTERM and SIGINT set a flag (the step in flight finishes; a
-  second signal acts as if this handler were not there, e.g. Ctrl-C twice
-  interrupts at once). Several processes: jax.distributed's preemption
-  service already catches SIGTERM (a Python handler would replace its own), and
-  its sync point is true on every process at the same step, so no handler is
-  installed. A context manager: the previous handlers come back on exit.
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
-
-  def __enter__(self) -> 'Preemption':
-    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
-      return self  # signal.signal works in the main thread only
-    for s in self.SIGNALS:
-      previous = signal.getsignal(s)
-      if previous is not None and previous is not signal.SIG_IGN:  # keep ignored (nohup, &) and foreign ones
-        self._previous[s] = signal.signal(s, self._handle)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for s, previous in self._previous.items():
-      signal.signal(s, previous)
-    self._previous = {}
-
-  def _handle(self, signum, frame) -> None:
-    # No printing here: the handler may interrupt a print (reentrant-call error).
-    if self.signum is None:
-      self.signum = signum
-      return
-    previous = self._previous.get(signum, signal.SIG_DFL)
-    self.__exit__()
-    if callable(previous):
-      previous(signum, frame)
-    else:  # SIG_DFL: terminate as the signal would have
-      os.kill(os.getpid(), signum)
-
-  def reached(self, step: int) -> bool:
-    """True when the run should stop after `step` (on every process at once).
-    Call it after every step, on every process, with increasing steps."""
-    if jax.process_count() > 1:
-      try:
-        return bool(multihost_utils.reached_preemption_sync_point(step))
-      except RuntimeError:  # jax_enable_preemption_service is off: no notice can come
-        return False
-    return self.signum is not None
-
-
-def _tree_keys(item_dir: str) -> set[str]:
-  """Top-level keys of a saved pytree item (from its metadata only)."""
-  meta = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir))
-  return set(getattr(meta, 'tree', meta))
-
-
-def _saved_param_names(path: str, step: int) -> set[str]:
-  """Top-level module names in a checkpoint's params item (from metadata only)."""
-  with ocp.CheckpointManager(path, item_names=_ITEMS,
-                             item_handlers={'params': ocp.StandardCheckpointHandler()}) as manager:
-    meta = manager.item_metadata(step)['params']
-  return set(getattr(meta, 'tree', meta))
-
-
 def restore_params(workdir: str, abstract_params: Any, *, optional: tuple[str, ...] = (),
                    role: str = 'init_from', step: int = 0) -> tuple[Any, int]:
   """(parameters, step) of the latest checkpoint of a run (or of checkpoint
@@ -321,7 +241,7 @@ def restore_params(workdir: str, abstract_params: Any, *, optional: tuple[str, .
     raise UserError(f'{role}={workdir!r} holds no complete checkpoint.')
   try:
     if optional:
-      saved = _saved_param_names(path, step)
+      saved = checkpoint_meta.saved_param_names(path, step)
       abstract_params = {k: v for k, v in abstract_params.items()
                          if k not in optional or k in saved}
       restore = ocp.args.PyTreeRestore(
@@ -343,29 +263,3 @@ def restore_params(workdir: str, abstract_params: Any, *, optional: tuple[str, .
                     f'{", ".join(missing[:3])}{" ..." if len(missing) > 3 else ""}); the model config '
                     'must match the one that run used.')
   return out['params'], step
-
-
-def _shapes(tree: Any) -> dict[str, tuple]:
-  """{"['a']['b']": shape} of a tree of arrays, abstract arrays or array metadata."""
-  return {jax.tree_util.keystr(k): tuple(getattr(v, 'shape', ()))
-          for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _params_mismatch(step_dir, abstract_params: Any) -> str | None:
-  """How the parameter shapes saved in checkpoint directory `step_dir` (an
-  epath.Path; read from its metadata alone) differ from `abstract_params`, or
-  None if they match or the metadata cannot be read. Checked before a restore:
-  orbax's own failure leaves reads in flight that print tracebacks later."""
-  handler = ocp.StandardCheckpointHandler()
-  try:
-    saved = handler.metadata(step_dir / 'params')
-  except Exception:  # pylint: disable=broad-except  # damaged: the restore reports it
-    return None
-  finally:
-    handler.close()
-  saved, wanted = _shapes(getattr(saved, 'tree', saved)), _shapes(abstract_params)
-  for key in sorted(saved.keys() | wanted.keys()):
-    if saved.get(key) != wanted.get(key):
-      return (f'params{key} is {saved.get(key, "absent")} in the checkpoint but '
-              f'{wanted.get(key, "absent")} in this config')
-  return None

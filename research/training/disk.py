@@ -131,3 +131,17 @@ def broadcast_pair(pair: tuple[int, int] | None) -> tuple[int, int] | None:
   import numpy as np  # pylint: disable=import-outside-toplevel
   values = multihost_utils.broadcast_one_to_all(np.array(pair or (-1, -1), np.int64))
   return None if int(values[0]) < 0 else (int(values[0]), int(values[1]))
+
+
+def space_shortfall(checkpoint_dir: str, latest: int | None, state) -> tuple[int, int] | None:
+  """(free, needed) bytes when the next checkpoint cannot fit in `checkpoint_dir`,
+  else None. A checkpoint takes about what the previous one (`latest`) does, at
+  least the state's bytes; process 0 decides, every process gets its answer."""
+  short = None
+  if jax.process_index() == 0:
+    previous = 0 if latest is None else disk_usage(os.path.join(checkpoint_dir, str(latest)))
+    need = max(state_bytes(state), previous)
+    free = free_bytes(checkpoint_dir)
+    if free is not None and free < need:
+      short = (free, need)
+  return broadcast_pair(short) if jax.process_count() > 1 else short

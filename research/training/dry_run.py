@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from research import models
 from research.errors import UserError
 from research.models import count_params
+from research.training import sharding
 from research.training.metrics import log
 
 
@@ -42,6 +43,21 @@ def per_device_bytes(tree) -> int:
     shard = leaf.sharding.shard_shape(leaf.shape)
     total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
   return total
+
+
+def logits_bytes(trainer) -> tuple[int, int] | None:
+  """(bytes per device of the float32 logits [batch_size, seq_len, V], of what the
+  loss holds of them at once at config.model.logits_chunk: all of them at 0), or
+  None for a model without a vocabulary head. Analytic, for batch_size rows (DPO's
+  forward pass holds both replies of a pair: twice that); whether the logits are
+  live at the compiled step's peak depends on the rest (attention scores, say)."""
+  c, cfg = trainer.config, trainer.model.cfg
+  if cfg.head != 'lm':
+    return None
+  shard = sharding.logical_sharding(('batch', 'length', 'vocab'), trainer.mesh, trainer.rules)
+  rows, length, vocab = shard.shard_shape((c.batch_size, c.seq_len, cfg.vocab_size))
+  chunk = min(cfg.logits_chunk or length, length)
+  return 4 * rows * length * vocab, 4 * rows * chunk * vocab
 
 
 def dry_run(trainer) -> dict[str, Any]:
@@ -80,6 +96,10 @@ def dry_run(trainer) -> dict[str, Any]:
         f'({", ".join(trainer.held_frozen)})')
   if mem is not None:
     log(f'  compiled temp per device:   {report["temp_size_in_bytes"] / gib:8.3f} GiB')
+  if logits := logits_bytes(trainer):
+    report['logits_bytes_per_device'], report['logits_held_bytes_per_device'] = logits
+    log(f'  float32 logits per device:  {logits[0] / gib:8.3f} GiB whole, {logits[1] / gib:.3f} GiB held at '
+        f'once (model.logits_chunk={trainer.model.cfg.logits_chunk})')
   for name, size in (trainer.stage.plan(trainer) if trainer.stage.plan else {}).items():
     report[f'{name}_bytes_per_device'] = size
     log(f'  {name.replace("_", " ") + " per device:":28}{size / gib:8.3f} GiB')

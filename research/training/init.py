@@ -35,7 +35,7 @@ from research.training.validate import build_model
 HF_PREFIX = 'hf:'
 # Model fields an hf:<dir> checkpoint does not decide: numerics, memory and the head.
 _KEEP_ON_HF = ('dtype', 'param_dtype', 'remat', 'scan_layers', 'init_std', 'head', 'value_head',
-               'attention_impl')
+               'attention_impl', 'logits_chunk')
 
 
 def resolve_config(config):

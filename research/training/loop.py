@@ -31,12 +31,12 @@ import jax.numpy as jnp
 
 from research import sampling
 from research.data.tokenizer import Tokenizer
-from research.errors import UserError
 from research.models import count_params
 from research.training import checkpoint as ckpt_lib
-from research.training import init, resume
+from research.training import divergence, init, resume
 from research.training.dry_run import dry_run
 from research.training.lock import WorkdirLock
+from research.training.preemption import Preemption
 from research.training.metrics import MetricWriter, log
 from research.training.stage import Hook, Stage
 from research.training.state import TrainState
@@ -82,21 +82,6 @@ def _eval_summary(ev: dict) -> str:
   parts += [f'{k[5:]} {v:.3f}' for k, v in ev.items()
             if k.startswith('eval/') and k not in ('eval/loss', 'eval/perplexity')]
   return ' | '.join(parts)
-
-
-def write_config(config, workdir: str) -> None:
-  """Writes the resolved config atomically as workdir/config.json."""
-  if jax.process_index() != 0:
-    return
-  path = os.path.join(workdir, 'config.json')
-  try:
-    with open(path + '.tmp', 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(path + '.tmp', path)
-  except OSError as e:  # a full disk: leave no half-written config.json.tmp behind
-    if os.path.exists(path + '.tmp'):
-      os.remove(path + '.tmp')
-    raise OSError(e.errno, e.strerror, path) from None
 
 
 def evaluate(run: Run) -> dict[str, float]:
@@ -153,36 +138,19 @@ def log_hook(run: Run, step: int) -> None:
   run.interval_start, run.interval_steps = time.time(), 0
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def checkpoint_hook(run: Run, step: int) -> None:
   """Saves the train state with the batch source's state (asynchronously);
   refuses a state with non-finite parameters (the step's guard skips non-finite
   updates, so only an update that overflows gets here)."""
-  if not bool(_all_finite(run.state.params)):
-    raise UserError(f'step {step}: the parameters are not finite, so they were not saved; the newest '
-                    f'checkpoint ({run.ckpt.latest_step()}) is finite. {_DIVERGENCE_FIX}')
+  divergence.check_finite(run.state.params, step, run.ckpt.latest_step())
   run.ckpt.save(run.state, run.source.get_state())
 
 
-_DIVERGENCE_FIX = ('Lower optimizer.lr (or raise optimizer.warmup_steps), then rerun with '
-                   '--config.allow_changes=optimizer to resume from that checkpoint, or start a new workdir.')
-
-
 def check_divergence(run: Run, step: int, metrics: dict) -> None:
-  """Stops the run (UserError) once optimizer.max_skipped_steps steps in a row
-  up to `step` (whose `metrics` these are) were skipped as non-finite."""
-  in_row = int(jax.device_get(metrics['train/skipped_in_row']))
-  limit = int(run.config.optimizer.max_skipped_steps)
-  if in_row >= limit:
-    first = step - in_row + 1
-    raise UserError(f'training diverged at step {first}: the loss or gradient norm was not finite in '
-                    f'{in_row} steps in a row ({first}..{step}; optimizer.max_skipped_steps={limit}), each '
-                    f'skipped. Checkpoints hold only finite parameters (newest: step {run.ckpt.latest_step()}). '
-                    f'{_DIVERGENCE_FIX}')
+  """Stops the run once optimizer.max_skipped_steps steps in a row up to `step`
+  (whose `metrics` these are) were skipped as non-finite (divergence.check)."""
+  divergence.check(step, int(jax.device_get(metrics['train/skipped_in_row'])),
+                   int(run.config.optimizer.max_skipped_steps), run.ckpt.latest_step())
 
 
 def eval_hook(run: Run, step: int) -> None:
@@ -219,7 +187,7 @@ def _after_preemption(run: Run, step: int, done: list[Hook]) -> None:
   run.ckpt.wait()
 
 
-def _loop(run: Run, start: int, preemption: ckpt_lib.Preemption) -> int | None:
+def _loop(run: Run, start: int, preemption: Preemption) -> int | None:
   """Steps start+1 .. config.steps with the hooks after each; returns the step
   a preemption stopped it at (saved), or None when every step ran."""
   config, trainer = run.config, run.trainer
@@ -262,7 +230,7 @@ def train(config, workdir: str, stage: Stage, devices=None) -> dict[str, Any]:
   if config.dry_run:
     return _train(config, workdir, stage, devices, None)
   # The lock comes first: nothing may touch a workdir another run owns.
-  with WorkdirLock(workdir), ckpt_lib.Preemption() as preemption:
+  with WorkdirLock(workdir), Preemption() as preemption:
     return _train(config, workdir, stage, devices, preemption)
 
 
@@ -300,7 +268,7 @@ def _set_up_and_loop(config, workdir, stage, trainer, ckpt, writer, preemption) 
   # start leaves neither for the next one to mistake for its own).
   init.save_tokenizer(tokenizer, workdir)
   resume.record_changes(workdir, start, changes)
-  write_config(config, workdir)
+  resume.write_config(config, workdir)
   writer.truncate_after(start)  # rows a killed run logged after its last checkpoint (or before any)
   if data_state is not None:
     source.set_state(data_state)

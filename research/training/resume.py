@@ -11,8 +11,8 @@ free (`HARMLESS`). `config.allow_changes` lets named fields change anyway:
     --config.allow_changes=all                # anything (the model must still fit)
 
 Every resume with changes appends one JSON line to workdir/config_changes.jsonl
-(step, time, {field: [old, new]}); config.json then holds the config in use, so
-the history is the first config.json and that file read together.
+(step, time, {field: [old, new]}); config.json holds the config in use, and
+undoing the recorded changes, newest first, gives each earlier one.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ _ABSENT = object()  # a field one config has and the other lacks
 
 # Dotted fields (or prefixes of them) a resumed run may change freely: the run
 # length, intervals, reporting, the mesh (a checkpoint restores onto any mesh),
-# and the recovery knobs themselves.
+# the knobs that change memory or speed but not the function (attention_impl,
+# logits_chunk), and the recovery knobs themselves.
 HARMLESS = ('steps', 'log_every', 'eval_every', 'eval_batches', 'checkpoint_every', 'keep_checkpoints',
             'checkpoint_fallback', 'allow_changes', 'dry_run', 'sample', 'task_eval', 'mesh',
-            'sharding_rules', 'optimizer.max_skipped_steps', 'model.attention_impl')
+            'sharding_rules', 'optimizer.max_skipped_steps', 'model.attention_impl', 'model.logits_chunk')
 
 
 def flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
@@ -112,3 +113,18 @@ def record_changes(workdir: str, step: int, changes: dict[str, tuple[Any, Any]])
 def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
   """'steps 100 -> 200, eval_every 50 -> 20' for the log line."""
   return ', '.join(f'{k} {_show(a)} -> {_show(b)}' for k, (a, b) in changes.items())
+
+
+def write_config(config, workdir: str) -> None:
+  """Writes the resolved config atomically as workdir/config.json."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, 'config.json')
+  try:
+    with open(path + '.tmp', 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + '.tmp', path)
+  except OSError as e:  # a full disk: leave no half-written config.json.tmp behind
+    if os.path.exists(path + '.tmp'):
+      os.remove(path + '.tmp')
+    raise OSError(e.errno, e.strerror, path) from None

@@ -82,10 +82,7 @@ def train_step(state: TrainState, batch: dict, frozen: dict, *, model, loss_fn: 
     loss, weight, metrics, grads_sum = grad_fn(state.params, batch, step_rng)
     loss_sum = loss * weight
   else:
-    # Microbatch a takes rows a, a + accum, ...: each device splits its own rows, no reshuffle.
-    micro = jax.tree.map(lambda x: x.reshape((-1, accum) + x.shape[1:]).swapaxes(0, 1), batch)
-    if micro_shardings is not None:
-      micro = {k: jax.lax.with_sharding_constraint(v, micro_shardings[k]) for k, v in micro.items()}
+    micro = micro_batches(batch, accum, micro_shardings)
 
     def body(carry, xs):
       g_acc, l_acc, w_acc = carry
@@ -118,11 +115,25 @@ def train_step(state: TrainState, batch: dict, frozen: dict, *, model, loss_fn: 
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng, skipped=skipped), out
 
 
-def eval_step(params, frozen: dict, batch: dict, *, model, loss_fn: LossFn,
-              frozen_names: Sequence[str] = ()) -> dict[str, Any]:
-  """Weighted sums over one eval batch: loss_sum, weight and each metric * weight."""
-  loss, weight, metrics = loss_fn(model, full_params(params, frozen), batch,
-                                  loss_views(params, frozen, frozen_names), None)
-  out = {'loss_sum': loss * weight, 'weight': weight}
-  out.update({k: v * weight for k, v in metrics.items()})
-  return out
+def micro_batches(batch: dict, accum: int, micro_shardings: dict | None = None) -> dict:
+  """`batch` as [accum, rows / accum, ...]: micro-batch a takes rows a, a + accum,
+  ... so each device splits its own rows, with no reshuffle between devices."""
+  micro = jax.tree.map(lambda x: x.reshape((-1, accum) + x.shape[1:]).swapaxes(0, 1), batch)
+  if micro_shardings is not None:
+    micro = {k: jax.lax.with_sharding_constraint(v, micro_shardings[k]) for k, v in micro.items()}
+  return micro
+
+
+def eval_step(params, frozen: dict, batch: dict, *, model, loss_fn: LossFn, frozen_names: Sequence[str] = (),
+              accum: int = 1, micro_shardings: dict | None = None) -> dict[str, Any]:
+  """Weighted sums over one eval batch: loss_sum, weight and each metric * weight.
+  With `accum` > 1 the batch is evaluated in that many micro-batches, as the
+  train step splits it, so evaluation never needs more memory than training."""
+  def sums(mb):
+    loss, weight, metrics = loss_fn(model, full_params(params, frozen), mb,
+                                    loss_views(params, frozen, frozen_names), None)
+    return {'loss_sum': loss * weight, 'weight': weight, **{k: v * weight for k, v in metrics.items()}}
+  if accum == 1:
+    return sums(batch)
+  per_micro = jax.lax.map(sums, micro_batches(batch, accum, micro_shardings))
+  return jax.tree.map(lambda x: jnp.sum(x, axis=0), per_micro)

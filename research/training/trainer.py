@@ -93,21 +93,25 @@ class Trainer:
   def _step_kwargs(self) -> dict:
     return dict(model=self.model, loss_fn=self.stage.loss, frozen_names=tuple(self.stage.frozen))
 
+  def _micro_kwargs(self) -> dict:
+    """grad_accum_steps micro-batches, each kept on the devices of its rows."""
+    micro = {k: NamedSharding(self.mesh, P(None, *s.spec)) for k, s in self.batch_shardings.items()}
+    return dict(accum=int(self.config.optimizer.grad_accum_steps), micro_shardings=micro)
+
   @functools.cached_property
   def train_step(self):
     """jit(step.train_step): (state, batch, frozen) -> (state, metrics); donates the state."""
-    accum = int(self.config.optimizer.grad_accum_steps)
-    micro = {k: NamedSharding(self.mesh, P(None, *s.spec)) for k, s in self.batch_shardings.items()}
-    fn = functools.partial(step_lib.train_step, tx=self.tx, schedule=self.schedule, accum=accum,
-                           micro_shardings=micro, **self._step_kwargs())
+    fn = functools.partial(step_lib.train_step, tx=self.tx, schedule=self.schedule, **self._micro_kwargs(),
+                           **self._step_kwargs())
     return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_shardings, self.frozen_shardings),
                    out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                    donate_argnums=(0,))
 
   @functools.cached_property
   def eval_step(self):
-    """jit(step.eval_step): (params, frozen, batch) -> weighted sums."""
-    fn = functools.partial(step_lib.eval_step, **self._step_kwargs())
+    """jit(step.eval_step): (params, frozen, batch) -> weighted sums, in the
+    train step's micro-batches (so evaluation fits wherever training does)."""
+    fn = functools.partial(step_lib.eval_step, **self._micro_kwargs(), **self._step_kwargs())
     return jax.jit(fn, in_shardings=(self.param_shardings, self.frozen_shardings, self.batch_shardings),
                    out_shardings=sharding.replicated(self.mesh))
 
