@@ -97,7 +97,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(test_config,
   assert len(os.listdir(run / 'damaged_checkpoints')) == 1
 
 
-def test_resume_refuses_trajectory_changes_and_allows_harmless_ones(test_config, tmp_path):
+def test_resume_refuses_trajectory_changes_and_allows_harmless_ones(test_config, tmp_path, capsys):
   kw = dict(steps=4, log_every=1, checkpoint_every=2)
   train(test_config(**kw), tmp_path)
   with pytest.raises(UserError, match=r'batch_size: 8 -> 16') as e:
@@ -110,8 +110,13 @@ def test_resume_refuses_trajectory_changes_and_allows_harmless_ones(test_config,
   assert _saved_steps(str(tmp_path)) == [2, 4]  # the refused launches changed nothing
   assert json.load(open(tmp_path / 'config.json'))['batch_size'] == 8
 
+  capsys.readouterr()
   train(test_config(**{**kw, 'steps': 6, 'eval_every': 3}), tmp_path)  # harmless: continues
   assert sorted(_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
+  from research.training.optimizer import lr_schedule
+  c = test_config(**kw)
+  old, new = float(lr_schedule(c.optimizer, 4)(4)), float(lr_schedule(c.optimizer, 6)(4))
+  assert f'the learning rate at step 4 goes from {old:.3g} to {new:.3g}' in capsys.readouterr().out
   train(test_config(**{**kw, 'steps': 8, 'optimizer__lr': 1e-3, 'allow_changes': 'optimizer.lr'}), tmp_path)
   assert max(_losses(tmp_path)) == 8
   history = [json.loads(line) for line in open(tmp_path / 'config_changes.jsonl')]
@@ -135,3 +140,19 @@ def test_a_failed_start_leaves_no_tokenizer_for_the_next_one(test_config, tmp_pa
   assert open(run / 'tokenizer.model', 'rb').read() != src_bytes
   train(test_config(steps=2, init_from=str(src)), run)
   assert open(run / 'tokenizer.model', 'rb').read() == src_bytes
+
+
+def test_resume_keeps_the_init_from_checkpoint_it_started_from(test_config, tmp_path):
+  """A LoRA run's frozen base is rebuilt from init_from on resume: from the
+  checkpoint the run started from, not init_from's newest (it trained on since)."""
+  src = tmp_path / 'src'
+  train(test_config(steps=2, checkpoint_every=2), src)
+  lora_kw = dict(steps=4, log_every=1, checkpoint_every=2, init_from=str(src), lora__rank=2)
+  train(test_config(**lora_kw), tmp_path / 'whole')
+  run = tmp_path / 'run'
+  with pytest.raises(RuntimeError, match='simulated crash'):
+    _train_with_hooks(test_config(**lora_kw), run, [_crash_at(2)])
+  train(test_config(steps=4, checkpoint_every=2), src)  # init_from trains on: its newest is now 4
+  train(test_config(**lora_kw), run)
+  assert json.load(open(run / 'init_from.json'))['step'] == 2
+  assert _losses(run) == _losses(tmp_path / 'whole')

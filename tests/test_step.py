@@ -152,6 +152,7 @@ def test_a_non_finite_step_is_skipped_and_training_continues_as_if_it_never_upda
     assert np.array_equal(np.asarray(a), np.asarray(b))
   assert [int(m2['train/skipped_steps']), int(m2['train/skipped_in_row'])] == [1, 1]
   assert [int(m3['train/skipped_steps']), int(m3['train/skipped_in_row'])] == [1, 0]
+  assert float(m3['train/lr']) == float(schedule(1))  # optax's count skipped step 2: the lr it applied
   never_updated = TrainState(step=s1.step + 1, params=s1.params, opt_state=s1.opt_state,
                              rng=jax.random.split(s1.rng)[0], skipped=s1.skipped)
   want, want_m = train_step(never_updated, b3, {})

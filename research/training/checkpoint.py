@@ -22,6 +22,7 @@ import warnings
 
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 from research.errors import UserError
@@ -39,6 +40,10 @@ def json_lists_to_tuples(obj: Any) -> Any:
   if isinstance(obj, (list, tuple)):
     return tuple(json_lists_to_tuples(v) for v in obj)
   return obj
+
+
+# Restore failures that say nothing about the checkpoint itself: never a reason to fall back.
+_NOT_DAMAGE = ('RESOURCE_EXHAUSTED', 'Out of memory', 'UNAVAILABLE', 'DEADLINE_EXCEEDED')
 
 
 class CheckpointError(UserError):
@@ -171,12 +176,19 @@ class Checkpointer:
     """
     failed = []  # (step, error), newest first
     for step in sorted(self.manager.all_steps(), reverse=True):
+      error, restored = None, None
       try:
         restored = self.restore(step, abstract_state)
       except CheckpointError as e:
-        if not fallback:
-          raise
-        failed.append((step, e))
+        error = e
+      # Every process must agree (a damaged file may be read by some processes only).
+      if jax.process_count() > 1 and not multihost_utils.process_allgather(np.int32(error is None)).all():
+        error = error or CheckpointError(f'checkpoint {self.manager.directory}/{step} cannot be restored '
+                                         'on another process', 'not restorable on another process')
+      if error is not None:
+        if not fallback or any(word in error.reason for word in _NOT_DAMAGE):
+          raise error
+        failed.append((step, error))
         continue
       # Only now, with an older checkpoint known to restore, move the newer ones
       # away: when none restores (a changed model config, not damage) nothing moves.
@@ -216,6 +228,14 @@ class Checkpointer:
       self.manager.close()
     except Exception:  # pylint: disable=broad-except
       pass
+
+
+def latest_saved_step(workdir: str) -> int | None:
+  """The newest complete checkpoint step of the run in `workdir`, None if none."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  with ocp.CheckpointManager(checkpoint_dir(workdir), item_names=_ITEMS) as manager:
+    return manager.latest_step()
 
 
 def restore_params(workdir: str, abstract_params: Any, *, optional: tuple[str, ...] = (),

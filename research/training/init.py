@@ -141,7 +141,7 @@ def init_state(trainer, base=None) -> tuple[TrainState, Any]:
                    donate_argnums=(1,))(jax.random.PRNGKey(seed), base or {})
 
 
-def load_init_from(config, layout: sharding.ParamLayout):
+def load_init_from(config, layout: sharding.ParamLayout, step: int | None = None):
   """The weights of config.init_from (a run's workdir, or hf:<dir>), placed
   sharded: the full tree, or with LoRA the frozen base. A new head (a reward
   model's `score`) may be missing from them; the seed initialises it."""
@@ -155,7 +155,8 @@ def load_init_from(config, layout: sharding.ParamLayout):
         value_head=cfg.value_head)
     return layout.split(params)[1] if layout.uses_lora else params
   return ckpt_lib.restore_params(src, layout.base if layout.uses_lora else layout.trainable,
-                                 optional=models.NEW_HEADS, step=config.get('init_step', 0))[0]
+                                 optional=models.NEW_HEADS,
+                                 step=config.get('init_step', 0) if step is None else step)[0]
 
 
 @jax.jit
@@ -165,16 +166,40 @@ def _copy(tree):
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
-def _initial_params(trainer):
+INIT_RECORD = 'init_from.json'
+
+
+def pinned_init_step(config, workdir: str, resuming: bool) -> int:
+  """The checkpoint step of init_from (a run's workdir) this run starts from: on
+  resume, the one recorded at its start (init_from may have trained on since:
+  its latest checkpoint would silently change a LoRA base or a DPO reference);
+  else init_step, or init_from's latest. 0 without a workdir init_from."""
+  if not config.init_from or config.init_from.startswith(HF_PREFIX):
+    return 0
+  record = os.path.join(workdir, INIT_RECORD)
+  if resuming and os.path.exists(record):
+    with open(record) as f:
+      return int(json.load(f)['step'])
+  return int(config.get('init_step', 0)) or (ckpt_lib.latest_saved_step(config.init_from) or 0)
+
+
+def record_init_step(config, workdir: str, step: int) -> None:
+  """Writes workdir/init_from.json: which checkpoint of init_from the run started from."""
+  if step and jax.process_index() == 0:
+    with open(os.path.join(workdir, INIT_RECORD), 'w') as f:
+      json.dump({'init_from': config.init_from, 'step': step}, f)
+
+
+def _initial_params(trainer, init_step: int | None = None):
   """What a fresh run starts from, init_from's weights or the seed's: the frozen
   base with LoRA, else the full tree."""
   if trainer.config.init_from:
-    return load_init_from(trainer.config, trainer.layout)
+    return load_init_from(trainer.config, trainer.layout, init_step)
   trainable, base = trainer.layout.split(seed_params(trainer.layout, trainer.config.seed, trainer.config.seq_len))
   return base if trainer.uses_lora else trainable  # the seed's values, without an optimizer state
 
 
-def setup_state(trainer, ckpt) -> tuple[TrainState, dict, dict | None]:
+def setup_state(trainer, ckpt, init_step: int | None = None) -> tuple[TrainState, dict, dict | None]:
   """(state, frozen trees by name, data iterator state or None): resumed from
   the latest checkpoint of `ckpt` that restores (config.checkpoint_fallback:
   see Checkpointer.restore_latest), else fresh, warm-started from init_from
@@ -184,9 +209,9 @@ def setup_state(trainer, ckpt) -> tuple[TrainState, dict, dict | None]:
   if restored is not None:
     state, data_state = restored
     # Frozen trees are not in the checkpoint: rebuild them exactly.
-    initial = _initial_params(trainer) if trainer.held_frozen else {}
+    initial = _initial_params(trainer, init_step) if trainer.held_frozen else {}
     return state, {name: initial for name in trainer.held_frozen}, data_state
-  state, base = init_state(trainer, load_init_from(trainer.config, trainer.layout)
+  state, base = init_state(trainer, load_init_from(trainer.config, trainer.layout, init_step)
                            if trainer.config.init_from else None)
   if trainer.uses_lora:
     return state, {BASE: base}, None
@@ -203,6 +228,7 @@ class LoadedRun:
   params: Any  # the full tree (LoRA base and adapters combined)
   tokenizer: Tokenizer | None
   layout: sharding.ParamLayout
+  init_step: int | None = None  # the checkpoint of init_from the run started from
 
   def initial_params(self):
     """The parameters the run started from, DPO's frozen reference: init_from's
@@ -210,7 +236,7 @@ class LoadedRun:
     if self.layout.uses_lora:
       return lora.reference_params(*self.layout.split(self.params))
     if self.config.init_from:
-      return load_init_from(self.config, self.layout)
+      return load_init_from(self.config, self.layout, self.init_step)
     return seed_params(self.layout, self.config.seed, self.config.seq_len)
 
 
@@ -230,11 +256,12 @@ def load_params(workdir: str) -> LoadedRun:
   layout = sharding.param_layout(model, mesh, sharding.rules_from_config(config.sharding_rules),
                                  uses_lora=model.lora is not None, seq_len=config.seq_len)
   trainable, _ = ckpt_lib.restore_params(workdir, layout.trainable, role='workdir')
+  init_step = pinned_init_step(config, workdir, resuming=True)
   params = trainable
   if layout.uses_lora:  # the base is not in the run's checkpoints: rebuild it as training did
-    base = (load_init_from(config, layout) if config.init_from
+    base = (load_init_from(config, layout, init_step) if config.init_from
             else layout.split(seed_params(layout, config.seed, config.seq_len))[1])
     params = lora.combine(base, trainable)
   tok_path = os.path.join(workdir, 'tokenizer.model')
   tokenizer = Tokenizer.load(tok_path) if os.path.exists(tok_path) else None
-  return LoadedRun(config, model, params, tokenizer, layout)
+  return LoadedRun(config, model, params, tokenizer, layout, init_step)

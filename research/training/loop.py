@@ -142,6 +142,7 @@ def checkpoint_hook(run: Run, step: int) -> None:
   """Saves the train state with the batch source's state (asynchronously);
   refuses a state with non-finite parameters (the step's guard skips non-finite
   updates, so only an update that overflows gets here)."""
+  check_divergence(run, step, run.metrics)  # a diverged run's last state is not worth a checkpoint
   divergence.check_finite(run.state.params, step, run.ckpt.latest_step())
   run.ckpt.save(run.state, run.source.get_state())
 
@@ -262,11 +263,12 @@ def _set_up_and_loop(config, workdir, stage, trainer, ckpt, writer, preemption) 
   tokenizer = init.load_tokenizer(config, workdir, resuming=latest is not None)
   source = stage.train_source(tokenizer)
   eval_data = stage.eval_batches(tokenizer)
-  state, frozen, data_state = init.setup_state(trainer, ckpt)
+  init_step = init.pinned_init_step(config, workdir, resuming=latest is not None)
+  state, frozen, data_state = init.setup_state(trainer, ckpt, init_step)
   start = int(jax.device_get(state.step))
-  # Set up: only now does the workdir get its tokenizer and config (a failed
-  # start leaves neither for the next one to mistake for its own).
+  # Set up: only now does the workdir get its tokenizer and config (a failed start leaves neither).
   init.save_tokenizer(tokenizer, workdir)
+  init.record_init_step(config, workdir, init_step)
   resume.record_changes(workdir, start, changes)
   resume.write_config(config, workdir)
   writer.truncate_after(start)  # rows a killed run logged after its last checkpoint (or before any)
@@ -274,6 +276,7 @@ def _set_up_and_loop(config, workdir, stage, trainer, ckpt, writer, preemption) 
     source.set_state(data_state)
     log(f'resumed from {ckpt_lib.checkpoint_dir(workdir)}/{start}' +
         (f' with {resume.describe_changes(changes)}' if changes else ''))
+    resume.warn_if_schedule_moves(config, changes, start)
   elif config.init_from:
     log(f'initialised parameters from {config.init_from}')
   n_train = count_params(state.params)

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 
 from research.errors import UserError
+from research.training.metrics import log
 
 CHANGES_FILE = 'config_changes.jsonl'
 _ABSENT = object()  # a field one config has and the other lacks
@@ -128,3 +129,15 @@ def write_config(config, workdir: str) -> None:
     if os.path.exists(path + '.tmp'):
       os.remove(path + '.tmp')
     raise OSError(e.errno, e.strerror, path) from None
+
+
+def warn_if_schedule_moves(config, changes: dict[str, tuple[Any, Any]], step: int) -> None:
+  """Logs a warning when a changed `steps` moves the learning rate at `step`
+  (the decay is stretched, or squeezed, over the new length)."""
+  from research.training.optimizer import lr_schedule  # pylint: disable=import-outside-toplevel
+  if 'steps' not in changes or _ABSENT in changes['steps']:
+    return
+  old, new = (float(lr_schedule(config.optimizer, int(n))(step)) for n in changes['steps'])
+  if abs(new - old) > 1e-12 + 1e-6 * abs(old):
+    log(f'warning: steps {changes["steps"][0]} -> {changes["steps"][1]} stretches the '
+        f'{config.optimizer.decay} schedule: the learning rate at step {step} goes from {old:.3g} to {new:.3g}')

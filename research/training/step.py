@@ -100,8 +100,9 @@ def train_step(state: TrainState, batch: dict, frozen: dict, *, model, loss_fn: 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # The non-finite guard: a NaN/inf loss or gradient leaves parameters and
-  # optimizer state as they were (the step counter, the schedule and the rng
-  # still advance). Written here rather than with optax.apply_if_finite, which
+  # optimizer state as they were, optax's step counts included, so the schedule
+  # applied (and logged as train/lr) is at step - skipped; the step counter,
+  # data and rng advance. Written here rather than with optax.apply_if_finite, which
   # checks only the gradients and lets updates through after N failures; the
   # loop stops the run instead (optimizer.max_skipped_steps).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -109,7 +110,7 @@ def train_step(state: TrainState, batch: dict, frozen: dict, *, model, loss_fn: 
   params, opt_state = keep_if_skipped(params, state.params), keep_if_skipped(opt_state, state.opt_state)
   total, in_row = state.skipped[0], state.skipped[1]
   skipped = jnp.where(finite, jnp.stack([total, 0]), jnp.stack([total + 1, in_row + 1]))
-  out = {'train/loss': loss, 'train/grad_norm': grad_norm, 'train/lr': schedule(state.step),
+  out = {'train/loss': loss, 'train/grad_norm': grad_norm, 'train/lr': schedule(state.step - state.skipped[0]),
          'train/weight': weight, 'train/skipped_steps': skipped[0], 'train/skipped_in_row': skipped[1]}
   out.update({f'train/{k}': v for k, v in metrics.items()})
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng, skipped=skipped), out
