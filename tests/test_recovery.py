@@ -156,3 +156,15 @@ def test_resume_keeps_the_init_from_checkpoint_it_started_from(test_config, tmp_
   train(test_config(**lora_kw), run)
   assert json.load(open(run / 'init_from.json'))['step'] == 2
   assert _losses(run) == _losses(tmp_path / 'whole')
+
+
+def test_resume_compares_paths_as_the_directories_they_name():
+  from research.training import resume
+  saved = {'init_from': 'runs/sft', 'data': {'tokenizer': ''},
+           'grpo': {'rewards': ['exact_match', 'reward_model:runs/reward']}}
+  same = {'init_from': './runs//sft', 'data': {'tokenizer': ''},
+          'grpo': {'rewards': ['exact_match', f'reward_model:{os.path.abspath("runs/reward")}']}}
+  assert resume.config_changes(saved, same) == {}
+  other = {'init_from': 'runs/sft2', 'data': {'tokenizer': ''},
+           'grpo': {'rewards': ['exact_match', 'reward_model:runs/reward2']}}
+  assert sorted(resume.config_changes(saved, other)) == ['grpo.rewards', 'init_from']

@@ -53,12 +53,36 @@ def _covered(key: str, prefixes) -> bool:
   return any(key == p or key.startswith(p + '.') for p in prefixes)
 
 
+_PATH_FIELDS = ('init_from', 'data.tokenizer', 'data.data_dir')
+
+
+def _same_path(value: Any) -> Any:
+  """A path-valued config string spelled one way (absolute, normalised): './runs/x'
+  and 'runs/x' name one directory. Keeps an 'hf:' prefix; '' stays ''."""
+  if not isinstance(value, str) or not value:
+    return value
+  prefix = 'hf:' if value.startswith('hf:') else ''
+  return prefix + os.path.abspath(value[len(prefix):])
+
+
+def _normalised(key: str, value: Any) -> Any:
+  """`value` of field `key` as compared on resume: paths (see _same_path) and the
+  'reward_model:<workdir>' entries of a reward list spelled one way."""
+  if key in _PATH_FIELDS:
+    return _same_path(value)
+  if key.endswith('.rewards') and isinstance(value, list):
+    return [f'reward_model:{_same_path(v.partition(":")[2])}' if isinstance(v, str) and
+            v.startswith('reward_model:') else v for v in value]
+  return value
+
+
 def config_changes(saved: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-  """{field: (saved value, new value)} for every leaf that differs; a field
-  only one side has (a newer code version's new option) counts as changed too."""
+  """{field: (saved value, new value)} for every leaf that differs (paths compared
+  as the directories they name); a field only one side has (a newer code
+  version's new option) counts as changed too."""
   a, b = flatten(saved), flatten(new)
   return {k: (a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b))
-          if k not in a or k not in b or a[k] != b[k]}
+          if k not in a or k not in b or _normalised(k, a[k]) != _normalised(k, b[k])}
 
 
 def refused(changes: dict[str, tuple[Any, Any]], allow: str) -> dict[str, tuple[Any, Any]]:
