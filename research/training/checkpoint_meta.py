@@ -4,6 +4,7 @@ the top-level keys of an item, and its parameter shapes against a model's.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -15,16 +16,17 @@ ITEMS = ('params', 'opt_state', 'meta', 'data')
 
 def tree_keys(item_dir: str) -> set[str]:
   """Top-level keys of a saved pytree item (from its metadata only)."""
-  meta = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir))
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    meta = handler.metadata(epath.Path(item_dir))
+  finally:
+    handler.close()
   return set(getattr(meta, 'tree', meta))
 
 
 def saved_param_names(path: str, step: int) -> set[str]:
   """Top-level module names in a checkpoint's params item (from metadata only)."""
-  with ocp.CheckpointManager(path, item_names=ITEMS,
-                             item_handlers={'params': ocp.StandardCheckpointHandler()}) as manager:
-    meta = manager.item_metadata(step)['params']
-  return set(getattr(meta, 'tree', meta))
+  return tree_keys(os.path.join(path, str(step), 'params'))
 
 
 def shapes(tree: Any) -> dict[str, tuple]:
