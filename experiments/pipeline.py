@@ -14,28 +14,42 @@
    report the reward model's held-out score, exact match and the KL.
 
 Each stage's run directory lives under --runs; re-running resumes (or skips)
-finished work.
+finished work. --parallel runs 3, 4 and 5 at once, each logging to
+<runs>/<stage>.log (on an accelerator the tiny stages leave it and the CPU cores
+mostly idle; on a 2-core CPU it gains nothing).
 
-    python -m experiments.pipeline --runs=runs
+    python -m experiments.pipeline --runs=runs [--parallel]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import subprocess
 import sys
+import time
 
 from research.training.metrics import read_metrics
 
 
-def run_stage(config: str, workdir: str, *overrides: str) -> list[dict]:
-  """Runs `python -m research.main` for one stage; returns its metrics rows."""
+def run_stage(config: str, workdir: str, *overrides: str, log: str = '') -> list[dict]:
+  """Runs `python -m research.main` for one stage (its output to the file `log`
+  if given); returns its metrics rows."""
   cmd = [sys.executable, '-m', 'research.main', f'--config={config}', f'--workdir={workdir}', *overrides]
-  print('$ ' + ' '.join(cmd), flush=True)
-  rc = subprocess.call(cmd)
+  print('$ ' + ' '.join(cmd) + (f' > {log}' if log else ''), flush=True)
+  t0 = time.time()
+  if log:
+    with open(log, 'a') as f:
+      rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+  else:
+    rc = subprocess.call(cmd)
   if rc:
-    sys.exit(rc)
+    if log:
+      with open(log) as f:
+        print(''.join(f.readlines()[-20:]), file=sys.stderr)
+    sys.exit(f'{workdir}: exit status {rc}')
+  print(f'[{workdir} done in {time.time() - t0:.0f} s]', flush=True)
   return read_metrics(workdir)
 
 
@@ -54,18 +68,26 @@ def per_family(a: dict, b: dict, prefix: str) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--runs', default='runs', help='parent directory of the run directories')
+  parser.add_argument('--parallel', action='store_true', help='run DPO, the reward model and GRPO at once')
   args = parser.parse_args()
   pre_dir, sft_dir, dpo_dir, rm_dir, grpo_dir, ppo_dir = (
       os.path.join(args.runs, s) for s in ('pretrain', 'sft', 'dpo', 'reward', 'grpo', 'ppo'))
 
   pre = run_stage('configs/pretrain.py:size=tiny', pre_dir)
   sft = run_stage('configs/sft.py:size=tiny', sft_dir, f'--config.init_from={pre_dir}')
-  dpo = run_stage('configs/dpo.py:size=tiny', dpo_dir, f'--config.init_from={sft_dir}')
-  rm = run_stage('configs/reward.py:size=tiny', rm_dir, f'--config.init_from={sft_dir}')
   # The best GRPO variant of experiments/results/rl.md within the time budget.
-  grpo = run_stage('configs/grpo.py:size=tiny', grpo_dir, f'--config.init_from={sft_dir}', '--config.steps=200',
-                   '--config.eval_every=100', '--config.checkpoint_every=100',
-                   "--config.grpo.rewards=('exact_match','partial_credit')", '--config.grpo.reward_weights=(1.0,0.5)')
+  grpo_overrides = ('--config.steps=200', '--config.eval_every=100', '--config.checkpoint_every=100',
+                    "--config.grpo.rewards=('exact_match','partial_credit')", '--config.grpo.reward_weights=(1.0,0.5)')
+  after_sft = (('configs/dpo.py:size=tiny', dpo_dir), ('configs/reward.py:size=tiny', rm_dir),
+               ('configs/grpo.py:size=tiny', grpo_dir, *grpo_overrides))
+  if args.parallel:
+    os.makedirs(args.runs, exist_ok=True)
+    with concurrent.futures.ThreadPoolExecutor(len(after_sft)) as pool:
+      futures = [pool.submit(run_stage, cfg, wd, f'--config.init_from={sft_dir}', *rest, log=f'{wd}.log')
+                 for cfg, wd, *rest in after_sft]
+      dpo, rm, grpo = (f.result() for f in futures)
+  else:
+    dpo, rm, grpo = (run_stage(cfg, wd, f'--config.init_from={sft_dir}', *rest) for cfg, wd, *rest in after_sft)
   ppo = run_stage('configs/ppo.py:size=tiny', ppo_dir, f'--config.init_from={sft_dir}',
                   f"--config.ppo.rewards=('reward_model:{rm_dir}',)")
 

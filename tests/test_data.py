@@ -1,6 +1,9 @@
 """Tokenizer, sources and packing pipeline."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -209,3 +212,20 @@ def test_tokenizer_training_failures_are_user_errors():
   needed = 2000 + 4 + len(CHAT_MARKERS) + 256  # characters, control ids, markers, byte pieces
   with pytest.raises(UserError, match=f'needs {needed} pieces for its distinct characters'):
     train_tokenizer([many_chars], 512)
+
+
+def test_runs_side_by_side_prepare_a_dataset_once(tmp_path):
+  """Two processes open the same unprepared dataset in one data dir at once (the
+  pipeline's parallel stages, a sweep): both read it, one prepared it. Before the
+  lock, TFDS failed in the second with 'Cannot rename .../incomplete.*'."""
+  code = ('import sys; from research.data import registry; '
+          'print(len(registry.open_split("pref_tasks", "train", data_dir=sys.argv[1])))')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  procs = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+  sizes = {out.split()[-1] for out, _ in outs}  # the preparing one also prints TFDS's lines
+  assert len(sizes) == 1 and int(sizes.pop()) > 0
+  assert len(list(tmp_path.glob('pref_tasks/*/incomplete*'))) == 0

@@ -15,10 +15,8 @@ compute, float32 parameters), synthetic prompts, one device:
     python -m experiments.benchmarks.rl_gpu_check --size=1b          # the GPU check
     python -m experiments.benchmarks.rl_gpu_check --size=test        # a CPU smoke run
 
-On the GPU machine (no network), with .wheels from fetch_gpu_wheels.sh carried, as
-one device call (about 3 minutes; the JSON report is printed):
-    python3 -m pip install -q --no-index --find-links .wheels .wheels/* && \
-    PYTHONPATH=. python3 -m experiments.benchmarks.rl_gpu_check --size=1b
+On the GPU machine it is the last part of `bash experiments/gpu/check.sh`
+(README: The GPU check); results in experiments/benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Train-step benchmark: this project against the same model in PyTorch, side by side.
 
     python -m experiments.benchmarks.train_step            # `make bench`
-    python -m experiments.benchmarks.train_step --gpu      # accelerator: 1b preset, bf16, seq 2048,
-                                                           # attention: einsum, XLA and cuDNN kernels
+    python -m experiments.benchmarks.train_step --gpu      # accelerator: the rows of GPU_ROWS (1b at
+                                                           # 2048 and 8192 tokens, 8b LoRA SFT), bf16
 
 Each part runs in its own process (clean peak memory) on the same token
 batches, and the driver prints one table and a summary. Parts:
@@ -47,14 +47,16 @@ def _tokens(batch, seq, vocab, seed=0):
   return rng.randint(0, vocab, (batch, seq + 1)).astype(np.int32)
 
 
-def _config(model_fields, batch, seq, dtype='float32'):
-  from configs import pretrain  # pylint: disable=import-outside-toplevel
-  c = pretrain.get_config('size=tiny')
+def _config(model_fields, batch, seq, dtype='float32', stage='pretrain', lora_rank=0):
+  import importlib  # pylint: disable=import-outside-toplevel
+  c = importlib.import_module(f'configs.{stage}').get_config('size=tiny')
   c.model.update(model_fields)
   c.model.dtype = dtype
   c.batch_size, c.seq_len = batch, seq
   c.mesh.update(data=1, fsdp=1, tensor=1)
   c.optimizer.warmup_steps = 1
+  if lora_rank:
+    c.lora.update(rank=lora_rank, targets='all_linear')
   return c
 
 
@@ -62,7 +64,7 @@ def part_peak(gpu: bool) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   n, dtype = (8192, jnp.bfloat16) if gpu else (2048, jnp.float32)
-  a = jnp.ones((n, n), dtype)
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)  # not ones: data changes the clock
   f = jax.jit(lambda x, y: x @ y)
   f(a, a).block_until_ready()
   reps = 20 if gpu else 5
@@ -74,20 +76,23 @@ def part_peak(gpu: bool) -> dict:
   return {'peak_flops': 2 * n ** 3 / sec, 'dtype': jnp.dtype(dtype).name}
 
 
-def compiled_step(model_fields, batch, seq, dtype='float32'):
+def compiled_step(model_fields, batch, seq, dtype='float32', stage='pretrain', lora_rank=0):
   """(trainer, state, frozen, global batch, compiled train step, compile seconds) for
-  the project's jitted train step on one device and a random token batch."""
+  the project's jitted train step of `stage` (pretrain, or sft: every token in the
+  loss) on one device and a random token batch."""
+  import importlib  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from research.stages import pretrain  # pylint: disable=import-outside-toplevel
   from research.training import init  # pylint: disable=import-outside-toplevel
   from research.training.trainer import Trainer  # pylint: disable=import-outside-toplevel
-  c = _config(model_fields, batch, seq, dtype)
-  t = Trainer(c, pretrain.stage(c), devices=jax.devices()[:1])
+  c = _config(model_fields, batch, seq, dtype, stage, lora_rank)
+  t = Trainer(c, importlib.import_module(f'research.stages.{stage}').stage(c), devices=jax.devices()[:1])
   state, frozen = init.setup_state(t, None)[:2]
   toks = _tokens(batch, seq, model_fields['vocab_size'])
   host = {'inputs': toks[:, :-1], 'targets': toks[:, 1:],
           'segment_ids': np.ones((batch, seq), np.int32),
           'positions': np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+  if stage == 'sft':
+    host['loss_mask'] = np.ones((batch, seq), np.int32)
   with t.mesh_context():
     b = t.to_global(host)
     t0 = time.perf_counter()
@@ -111,30 +116,44 @@ def time_steps(compiled, state, batch, frozen, steps: int, warmup: int = 2):
   return state, (time.perf_counter() - t0) / steps
 
 
-def _jax_step_time(model_fields, batch, seq, steps, dtype='float32'):
+def _jax_step_time(model_fields, batch, seq, steps, dtype='float32', stage='pretrain', lora_rank=0):
   import jax  # pylint: disable=import-outside-toplevel
   from research.models import flops_per_token  # pylint: disable=import-outside-toplevel
-  t, state, frozen, b, compiled, compile_s = compiled_step(model_fields, batch, seq, dtype)
+  t, state, frozen, b, compiled, compile_s = compiled_step(model_fields, batch, seq, dtype, stage, lora_rank)
   with t.mesh_context():
     state, sec = time_steps(compiled, state, b, frozen, steps, warmup=2)
   mem = None
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     mem = stats['peak_bytes_in_use'] / 2 ** 20
+  # A frozen base (LoRA) does no weight-gradient matmuls: 4 N instead of 6 N. MFU
+  # still counts 6 N (the usual convention), so LoRA rows read as work done per token.
   return {'compile_s': compile_s, 'step_s': sec, 'tokens_per_s': batch * seq / sec,
           'model_flops_per_s': flops_per_token(t.model.cfg, seq) * batch * seq / sec,
           'peak_mem_mb': mem if mem is not None else _rss_mb(),
           'mem_kind': 'device' if mem is not None else 'rss'}
 
 
-def part_jax(gpu: bool, steps: int, attention: str = 'einsum') -> dict:
+# GPU rows (`--gpu`): (name, preset, batch, seq, attention, remat, stage, LoRA rank,
+# extra XLA_FLAGS). remat 'dots_with_no_batch_dims' keeps the projections' outputs
+# and recomputes the rest; 'none' keeps everything (it fits at 8 x 2048 when attention
+# is fused: no [B, H, T, T] scores are stored).
+NO_TRITON_GEMM = '--xla_gpu_enable_triton_gemm=false'  # matmuls to cuBLAS only
+GPU_ROWS = (
+    ('1b, 8 x 2048, remat dots', '1b', 8, 2048, 'auto', 'dots_with_no_batch_dims', 'pretrain', 0, ''),
+    ('1b, 8 x 2048, no remat', '1b', 8, 2048, 'auto', 'none', 'pretrain', 0, ''),
+    ('1b, 8 x 2048, no remat, cuBLAS only', '1b', 8, 2048, 'auto', 'none', 'pretrain', 0, NO_TRITON_GEMM),
+    ('1b, 2 x 8192, no remat', '1b', 2, 8192, 'auto', 'none', 'pretrain', 0, ''),
+    ('8b LoRA r16 SFT, 4 x 2048, remat dots', '8b', 4, 2048, 'auto', 'dots_with_no_batch_dims', 'sft', 16, ''),
+)
+
+
+def part_jax(gpu: bool, steps: int, attention: str = 'einsum', row: int = 0) -> dict:
   if gpu:
     from configs.base import MODEL_PRESETS  # pylint: disable=import-outside-toplevel
-    # Saves the projections' outputs, recomputes attention: [B, H, T, T] scores for 16
-    # layers do not fit at T = 2048 otherwise (135 GiB measured with remat='none').
-    fields = dict(MODEL_PRESETS['1b'], scan_layers=True, remat='dots_with_no_batch_dims',
-                  attention_impl=attention)
-    return _jax_step_time(fields, 8, 2048, steps, dtype='bfloat16')
+    _, preset, batch, seq, impl, remat, stage, rank, _ = GPU_ROWS[row]
+    fields = dict(MODEL_PRESETS[preset], scan_layers=True, remat=remat, attention_impl=impl)
+    return _jax_step_time(fields, batch, seq, steps, 'bfloat16', stage, rank)
   return _jax_step_time(dict(REFERENCE, attention_impl=attention), REF_BATCH, REF_SEQ, steps)
 
 
@@ -213,9 +232,10 @@ def part_loop(steps: int) -> dict:
   return {'bare_tokens_per_s': bare['tokens_per_s'], 'loop_tokens_per_s': loop_tps}
 
 
-def _run_part(name: str, *args: str) -> dict:
+def _run_part(name: str, *args: str, xla_flags: str = '') -> dict:
   cmd = [sys.executable, '-m', 'experiments.benchmarks.train_step', f'--part={name}', *args]
-  out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+  env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {xla_flags}'.strip())
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if out.returncode:
     raise SystemExit(f'part {name} failed:\n{out.stderr[-3000:]}')
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -226,11 +246,12 @@ def main() -> None:
   parser.add_argument('--part', default='')
   parser.add_argument('--gpu', action='store_true')
   parser.add_argument('--steps', type=int, default=8)
-  parser.add_argument('--attention', default='einsum', help='einsum | xla | cudnn')
+  parser.add_argument('--attention', default='einsum', help='einsum | xla | cudnn | auto (CPU row)')
+  parser.add_argument('--row', type=int, default=-1, help='--gpu: run only this row of GPU_ROWS')
   args = parser.parse_args()
   if args.part:
     fn = {'peak': lambda: part_peak(args.gpu),
-          'jax': lambda: part_jax(args.gpu, args.steps, args.attention),
+          'jax': lambda: part_jax(args.gpu, args.steps, args.attention, args.row),
           'torch_eager': lambda: part_torch(False, args.steps),
           'torch_compile': lambda: part_torch(True, args.steps),
           'pipeline': lambda: part_pipeline(200), 'loop': lambda: part_loop(40)}[args.part]
@@ -240,18 +261,20 @@ def main() -> None:
   flag = ['--gpu'] if args.gpu else []
   steps = [f'--steps={args.steps}']
   peak = _run_part('peak', *flag)
-  rows = {'jax (this project)': _run_part('jax', *flag, *steps)}
-  if args.gpu:  # attention implementations
-    rows = {'jax, einsum attention': rows['jax (this project)']}
-    for impl in ('xla', 'cudnn'):
-      try:
-        rows[f'jax, dot_product_attention {impl}'] = _run_part('jax', *flag, *steps, f'--attention={impl}')
-      except SystemExit as e:
-        print(f'(attention {impl} failed: {str(e).splitlines()[-1][:200]})')
+  if args.gpu:  # one process per row: each row's peak memory is its own
+    rows = {}
+    for i, row in enumerate(GPU_ROWS):
+      if args.row in (-1, i):
+        try:
+          rows[row[0]] = _run_part('jax', *flag, *steps, f'--row={i}', xla_flags=row[-1])
+          print(row[0], json.dumps(rows[row[0]]), flush=True)
+        except SystemExit as e:
+          print(f'({row[0]} failed: {str(e).splitlines()[-1][:300]})', flush=True)
   else:
+    rows = {'jax (this project)': _run_part('jax', *flag, *steps)}
     rows['pytorch eager'] = _run_part('torch_eager', *steps)
     rows['pytorch compile'] = _run_part('torch_compile', *steps)
-  what = '1b preset, bf16, batch 8 x 2048' if args.gpu else (
+  what = 'bf16 compute, float32 parameters and AdamW, attention auto (cuDNN)' if args.gpu else (
       f'd256 L4 H4 V8000, batch {REF_BATCH} x {REF_SEQ}, float32, AdamW')
   print(f'\ntrain step: {what}; peak {peak["dtype"]} matmul {peak["peak_flops"] / 1e9:.1f} GFLOP/s')
   print('| implementation | compile (s) | step (ms) | tokens/s | MFU | peak mem (MB) | vs pytorch eager |')

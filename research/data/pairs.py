@@ -404,7 +404,7 @@ def pair_dataset(sources_list, weights, render: RenderPair, *, batch_size: int, 
   or with drop_remainder=False padded."""
   ds = pipeline.mixed_source(sources_list, weights, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
   ds = ds.map(render.group).filter(lambda x: x is not None)
-  return PairBatches(ds.to_iter_dataset(), batch_size=batch_size, seq_len=render.seq_len,
+  return PairBatches(pipeline.to_iter(ds), batch_size=batch_size, seq_len=render.seq_len,
                      pairs_per_row=pairs_per_row, drop_remainder=drop_remainder)
 
 

@@ -18,6 +18,9 @@ a barrier) into the TFDS data dir. To add a data source, write a builder
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 from typing import Any, Callable
 
 import tensorflow_datasets as tfds
@@ -56,14 +59,35 @@ def project_builder(name: str, data_dir: str, files: str = '', text_key: str = '
   return None if factory is None else factory(sources.resolve_data_dir(data_dir), files, text_key)
 
 
+@contextlib.contextmanager
+def _exclusive(builder):
+  """Holds an flock on <dataset version dir>.lock: runs started side by side (a
+  sweep, the pipeline's parallel stages) share the data dir, and TFDS fails when
+  two of them prepare the same dataset at once (the second rename of its
+  incomplete.* dir finds the first one's result)."""
+  path = os.fspath(builder.data_dir) + '.lock'
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
+    yield
+
+
+def _prepare_once(builder) -> None:
+  if builder.is_prepared():
+    return
+  with _exclusive(builder):
+    if not builder.is_prepared():  # another run may have finished it while we waited
+      builder.download_and_prepare()
+
+
 def prepare(builder) -> None:
-  """Prepares a project builder once: process 0 first, then any host without it."""
+  """Prepares a project builder once: process 0 first, then any host without it;
+  runs on one machine that share the data dir take turns (`_exclusive`)."""
   import jax  # pylint: disable=import-outside-toplevel
-  if jax.process_index() == 0 and not builder.is_prepared():
-    builder.download_and_prepare()
+  if jax.process_index() == 0:
+    _prepare_once(builder)
   sources.sync_processes('data_prepared')
-  if not builder.is_prepared():  # hosts that do not share process 0's disk
-    builder.download_and_prepare()
+  _prepare_once(builder)  # hosts that do not share process 0's disk
 
 
 def open_split(name: str, split: str, *, data_dir: str = '', files: str = '',

@@ -88,7 +88,7 @@ def sft_dataset(sources_list, weights, tokenizer, *, seq_len: int, batch_size: i
   """Batches of rendered examples, packed (segment ids) or padded one per row."""
   ds = pipeline.mixed_source(sources_list, weights, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
   ds = ds.map(_Render(tokenizer, seq_len, mask, text_key)).filter(lambda x: x is not None)
-  it = ds.to_iter_dataset()
+  it = pipeline.to_iter(ds)
   if packing:
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={'inputs': seq_len, 'targets': seq_len, 'loss_mask': seq_len},
@@ -148,4 +148,4 @@ def prompt_stream(data_cfg, tokenizer, *, max_len: int, seed: int, shuffle: bool
   for n, src in zip(names, srcs):
     check_rows(src, n, data_cfg.text_key)
   ds = pipeline.mixed_source(srcs, weights, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
-  return ds.map(_Prompt(tokenizer, max_len, data_cfg.text_key)).filter(lambda x: x is not None).to_iter_dataset()
+  return pipeline.to_iter(ds.map(_Prompt(tokenizer, max_len, data_cfg.text_key)).filter(lambda x: x is not None))

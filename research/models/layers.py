@@ -29,7 +29,8 @@ Array = jax.Array
 # Large negative instead of -inf: a fully masked row (padding) gives a uniform
 # softmax rather than NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-ATTENTION_IMPLS = ('einsum', 'xla', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'einsum', 'xla', 'cudnn')
+_FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,15 +286,40 @@ def einsum_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, dtype):
   return out.reshape(B, T, H, Dh)
 
 
-def attend(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, impl: str, dtype):
+def resolve_attention_impl(impl: str, q_BTHD, causal: bool, backend: str | None = None) -> str:
+  """The implementation `attend` runs for config.model.attention_impl=`impl`.
+
+  'auto' picks cuDNN's fused flash attention on a GPU when the queries are
+  bfloat16 or float16, the call is causal over one sequence (training and
+  scoring: it then skips the masked upper triangle), and cuDNN takes the shape
+  (head dim a multiple of 8 up to 128, an even length); everything else (CPU,
+  float32, decoding against a KV cache) gets the einsum path. Other values pass
+  through. `q_BTHD` may be an array or a jax.ShapeDtypeStruct.
+  """
+  if impl != 'auto':
+    return impl
+  _, T, _, Dh = q_BTHD.shape
+  fused_ok = (jnp.dtype(q_BTHD.dtype) in map(jnp.dtype, _FUSED_DTYPES) and causal
+              and Dh % 8 == 0 and Dh <= 128 and T % 2 == 0)
+  return 'cudnn' if fused_ok and (backend or jax.default_backend()) == 'gpu' else 'einsum'
+
+
+def attend(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, impl: str, dtype, causal: bool = False):
   """Attention output [B, T, H, Dh] with the configured implementation:
   einsum (explicit matmuls, float32 softmax) or jax.nn.dot_product_attention's
-  xla / cudnn (cudnn needs a GPU and bf16/fp16 compute)."""
+  xla / cudnn (cudnn needs a GPU and bf16/fp16 compute); 'auto' as
+  `resolve_attention_impl` says.
+
+  `causal`: query i and key i are the same slot (no KV cache), so everything above
+  the diagonal is masked anyway; cuDNN then skips those blocks. `mask_B1TS` (the
+  segments, padding and the causal mask itself) is applied in every case.
+  """
+  impl = resolve_attention_impl(impl, q_BTHD, causal)
   if impl == 'einsum':
     return einsum_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, dtype)
   return jax.nn.dot_product_attention(
       q_BTHD, k_BSKD.astype(q_BTHD.dtype), v_BSKD.astype(q_BTHD.dtype), mask=mask_B1TS,
-      implementation=None if impl == 'xla' else impl)
+      is_causal=causal and impl == 'cudnn', implementation=None if impl == 'xla' else impl)
 
 
 class Attention(nn.Module):
@@ -308,7 +334,7 @@ class Attention(nn.Module):
   qkv_bias: bool = False
   qk_norm: bool = False
   norm_eps: float = 1e-6
-  impl: str = 'einsum'
+  impl: str = 'auto'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   init_std: float = 0.02
@@ -340,7 +366,7 @@ class Attention(nn.Module):
       new_cache = {'k': k_BSKD, 'v': v_BSKD}
       k_BTKD, v_BTKD = k_BSKD.astype(self.dtype), v_BSKD.astype(self.dtype)
 
-    out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, mask_B1TS, self.impl, self.dtype)
+    out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, mask_B1TS, self.impl, self.dtype, causal=cache is None)
     out_BTHD = nn.with_logical_constraint(out_BTHD, ('batch', 'length', 'heads', 'head_dim'))
     out_BTD = self._dense((self.d_model,), ('heads', 'head_dim', 'embed'), 'o', n_in=2)(out_BTHD)
     return out_BTD, new_cache

@@ -64,9 +64,10 @@ class Config:
   dtype: str = 'float32'  # compute dtype; softmax, norms and logits stay float32
   remat: str = 'none'  # none | full | dots_saveable | dots_with_no_batch_dims
   scan_layers: bool = False
+  # auto: the fastest correct one for the backend (layers.resolve_attention_impl);
   # einsum: explicit matmuls + float32 softmax; xla / cudnn: jax.nn.dot_product_attention
   # with that implementation (cudnn needs a GPU and bf16/fp16 compute).
-  attention_impl: str = 'einsum'
+  attention_impl: str = 'auto'
   init_std: float = 0.02
   # lm: next-token logits [B, T, V]; score: one scalar per position [B, T, 1]
   # (a reward model: `score` replaces the output layer, read at the last token).
