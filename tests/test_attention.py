@@ -1,14 +1,15 @@
 """Every attention implementation that runs on this backend against a numpy
 reference, with packed segments and padding (values), and against autodiff of the
-plain formula (gradients). On CPU (CI): einsum, xla and auto; on a GPU (the GPU
-check, experiments/gpu/check.sh) cudnn too, in bfloat16."""
+plain formula (gradients). On CPU (CI): einsum, blockwise (several tile sizes),
+xla and auto; on a GPU (the GPU check, experiments/gpu/check.sh) cudnn too, in
+bfloat16."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.models import layers
+from research.models import blockwise, layers
 
 B, T, H, K, Dh = 2, 40, 4, 2, 16
 # Row 0: three packed documents and 6 padding slots; row 1: one document.
@@ -54,33 +55,39 @@ def _plain_attention(q, k, v, mask):
 
 
 def _impls():
-  """(impl, compute dtype, tolerance) for the implementations this backend runs."""
-  cases = [('einsum', jnp.float32, 1e-5), ('xla', jnp.float32, 1e-5), ('auto', jnp.float32, 1e-5)]
+  """(name, attention fn(q, k, v, mask), compute dtype, tolerance) for the
+  implementations this backend runs."""
+  via = lambda impl: lambda q, k, v, mask, dtype: layers.attend(q, k, v, mask, impl, dtype, causal=True)
+  tiles = lambda block: lambda q, k, v, mask, dtype: blockwise.blockwise_attention(q, k, v, mask, block=block)
+  cases = [('einsum', via('einsum'), jnp.float32, 1e-5), ('xla', via('xla'), jnp.float32, 1e-5),
+           ('auto', via('auto'), jnp.float32, 1e-5),
+           ('blockwise 8', tiles(8), jnp.float32, 1e-5), ('blockwise 20', tiles(20), jnp.float32, 1e-5),
+           ('blockwise 8 bf16', tiles(8), jnp.bfloat16, 2e-2)]
   if jax.default_backend() == 'gpu':
-    cases += [('cudnn', jnp.bfloat16, 2e-2), ('auto', jnp.bfloat16, 2e-2)]
-  return cases
+    cases += [('cudnn', via('cudnn'), jnp.bfloat16, 2e-2), ('auto bf16', via('auto'), jnp.bfloat16, 2e-2)]
+  return [pytest.param(fn, dtype, tol, id=name) for name, fn, dtype, tol in cases]
 
 
-@pytest.mark.parametrize('impl,dtype,tol', _impls())
-def test_attention_matches_numpy_with_packed_segments(impl, dtype, tol):
+@pytest.mark.parametrize('fn,dtype,tol', _impls())
+def test_attention_matches_numpy_with_packed_segments(fn, dtype, tol):
   q, k, v, mask = _inputs(dtype)
-  out = layers.attend(q, k, v, mask, impl, dtype, causal=True)
+  out = fn(q, k, v, mask, dtype)
   want = _numpy_attention(q, k, v)
   real = SEGMENTS[:, :, None, None] != 0  # padding queries' outputs are never used
   got = np.asarray(out, np.float64)
   np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize('impl,dtype,tol', _impls())
-def test_attention_gradients_match_the_plain_formula(impl, dtype, tol):
+@pytest.mark.parametrize('fn,dtype,tol', _impls())
+def test_attention_gradients_match_the_plain_formula(fn, dtype, tol):
   q, k, v, mask = _inputs(dtype)
   real = jnp.asarray(SEGMENTS != 0)[:, :, None, None]
   cot = jax.random.normal(jax.random.PRNGKey(1), (B, T, H, Dh)) * real  # padding rows carry no loss
 
-  def loss(fn):
-    return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cot)
+  def loss(attention):
+    return lambda q, k, v: jnp.sum(attention(q, k, v).astype(jnp.float32) * cot)
 
-  got = jax.grad(loss(lambda q, k, v: layers.attend(q, k, v, mask, impl, dtype, causal=True)), (0, 1, 2))(q, k, v)
+  got = jax.grad(loss(lambda q, k, v: fn(q, k, v, mask, dtype)), (0, 1, 2))(q, k, v)
   want = jax.grad(loss(lambda q, k, v: _plain_attention(q, k, v, mask)), (0, 1, 2))(q, k, v)
   for g, w in zip(got, want):
     scale = float(jnp.max(jnp.abs(w)))
@@ -96,5 +103,27 @@ def test_auto_picks_cudnn_only_where_it_applies():
   assert pick('auto', jnp.bfloat16, False, 'gpu') == 'einsum'  # KV-cache decoding
   assert pick('auto', jnp.bfloat16, True, 'gpu', T=63) == 'einsum'  # cuDNN wants an even length
   assert pick('auto', jnp.bfloat16, True, 'gpu', Dh=20) == 'einsum'  # ... and head dim 8k <= 128
-  assert pick('auto', jnp.bfloat16, True, 'cpu') == 'einsum'
+  assert pick('auto', jnp.bfloat16, True, 'cpu') == 'einsum'  # one tile: nothing to skip
+  assert pick('auto', jnp.float32, True, 'cpu', T=2048) == 'blockwise'
+  assert pick('auto', jnp.float32, True, 'gpu', T=2048) == 'blockwise'
+  assert pick('auto', jnp.float32, True, 'cpu', T=1000) == 'einsum'  # not whole tiles
+  assert pick('auto', jnp.float32, False, 'cpu', T=2048) == 'einsum'
   assert pick('xla', jnp.float32, True, 'cpu') == 'xla'
+
+
+def test_blockwise_never_holds_the_square_of_scores():
+  """Compiled temporaries of forward + backward at T = 2048: the einsum path holds
+  float32 [B, H, T, T] scores (64 MiB here); the blockwise one a few [B, H, 512,
+  512] tiles (scores, probabilities and their gradients: 4 MiB each), whatever T."""
+  Tl = 2048
+  q = jax.ShapeDtypeStruct((1, Tl, H, Dh), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, Tl, K, Dh), jnp.float32)
+  mask = jax.ShapeDtypeStruct((1, 1, Tl, Tl), jnp.bool_)
+
+  def temp_bytes(impl):
+    f = lambda q, k, v, m: jnp.sum(layers.attend(q, k, v, m, impl, jnp.float32, causal=True))
+    return jax.jit(jax.grad(f, (0, 1, 2))).lower(q, kv, kv, mask).compile().memory_analysis().temp_size_in_bytes
+
+  square, tile = H * Tl * Tl * 4, H * layers.BLOCKWISE_BLOCK ** 2 * 4
+  assert temp_bytes('einsum') >= square
+  assert temp_bytes('blockwise') < 6 * tile

@@ -25,11 +25,14 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from research.models import blockwise
+
 Array = jax.Array
 # Large negative instead of -inf: a fully masked row (padding) gives a uniform
 # softmax rather than NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-ATTENTION_IMPLS = ('auto', 'einsum', 'xla', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'einsum', 'blockwise', 'xla', 'cudnn')
+BLOCKWISE_BLOCK = 512  # tile edge of the blockwise path; 'auto' uses it from 2 tiles up
 _FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -289,34 +292,43 @@ def einsum_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, dtype):
 def resolve_attention_impl(impl: str, q_BTHD, causal: bool, backend: str | None = None) -> str:
   """The implementation `attend` runs for config.model.attention_impl=`impl`.
 
-  'auto' picks cuDNN's fused flash attention on a GPU when the queries are
-  bfloat16 or float16, the call is causal over one sequence (training and
-  scoring: it then skips the masked upper triangle), and cuDNN takes the shape
-  (head dim a multiple of 8 up to 128, an even length); everything else (CPU,
-  float32, decoding against a KV cache) gets the einsum path. Other values pass
-  through. `q_BTHD` may be an array or a jax.ShapeDtypeStruct.
+  'auto' picks, for a causal call over one sequence (training and scoring):
+  cuDNN's fused flash attention on a GPU when the queries are bfloat16 or
+  float16 and cuDNN takes the shape (head dim a multiple of 8 up to 128, an even
+  length; it skips the masked upper triangle); otherwise the blockwise path
+  (blockwise.py: no [T, T] scores, causal blocks skipped) from 2 tiles of
+  BLOCKWISE_BLOCK up, when the length divides into them; otherwise, and for
+  decoding against a KV cache, the einsum path. Other values pass through.
+  `q_BTHD` may be an array or a jax.ShapeDtypeStruct.
   """
   if impl != 'auto':
     return impl
   _, T, _, Dh = q_BTHD.shape
-  fused_ok = (jnp.dtype(q_BTHD.dtype) in map(jnp.dtype, _FUSED_DTYPES) and causal
-              and Dh % 8 == 0 and Dh <= 128 and T % 2 == 0)
-  return 'cudnn' if fused_ok and (backend or jax.default_backend()) == 'gpu' else 'einsum'
+  half = jnp.dtype(q_BTHD.dtype) in map(jnp.dtype, _FUSED_DTYPES)
+  if causal and half and Dh % 8 == 0 and Dh <= 128 and T % 2 == 0 and (backend or jax.default_backend()) == 'gpu':
+    return 'cudnn'
+  if causal and T >= 2 * BLOCKWISE_BLOCK and T % BLOCKWISE_BLOCK == 0:
+    return 'blockwise'
+  return 'einsum'
 
 
 def attend(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, impl: str, dtype, causal: bool = False):
   """Attention output [B, T, H, Dh] with the configured implementation:
-  einsum (explicit matmuls, float32 softmax) or jax.nn.dot_product_attention's
-  xla / cudnn (cudnn needs a GPU and bf16/fp16 compute); 'auto' as
-  `resolve_attention_impl` says.
+  einsum (explicit matmuls, float32 softmax), blockwise (blockwise.py: the same
+  numbers without [T, T] scores) or jax.nn.dot_product_attention's xla / cudnn
+  (cudnn needs a GPU and bf16/fp16 compute); 'auto' as `resolve_attention_impl` says.
 
   `causal`: query i and key i are the same slot (no KV cache), so everything above
   the diagonal is masked anyway; cuDNN then skips those blocks. `mask_B1TS` (the
   segments, padding and the causal mask itself) is applied in every case.
   """
   impl = resolve_attention_impl(impl, q_BTHD, causal)
+  if impl == 'blockwise' and (q_BTHD.shape[1] % BLOCKWISE_BLOCK or k_BSKD.shape[1] % BLOCKWISE_BLOCK):
+    impl = 'einsum'  # a short prompt or one decoded token: no tiles to skip
   if impl == 'einsum':
     return einsum_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, dtype)
+  if impl == 'blockwise':
+    return blockwise.blockwise_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, block=BLOCKWISE_BLOCK, causal=causal)
   return jax.nn.dot_product_attention(
       q_BTHD, k_BSKD.astype(q_BTHD.dtype), v_BSKD.astype(q_BTHD.dtype), mask=mask_B1TS,
       is_causal=causal and impl == 'cudnn', implementation=None if impl == 'xla' else impl)
