@@ -29,8 +29,9 @@ test: $(TEST)
 	$(PY) -m pytest -q -n 2 --durations=10 tests
 
 # Train-step benchmark against PyTorch (eager and compiled), input pipeline and loop overhead.
+# `make bench ISA=avx2` restricts both sides to AVX2 (an AVX-512 machine measuring the other kind).
 bench: $(TEST)
-	$(PY) -m experiments.benchmarks.train_step
+	$(PY) -m experiments.benchmarks.train_step $(if $(ISA),--isa=$(ISA))
 
 clean:
 	rm -rf $(RUNS)

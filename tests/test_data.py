@@ -229,3 +229,16 @@ def test_runs_side_by_side_prepare_a_dataset_once(tmp_path):
   sizes = {out.split()[-1] for out, _ in outs}  # the preparing one also prints TFDS's lines
   assert len(sizes) == 1 and int(sizes.pop()) > 0
   assert len(list(tmp_path.glob('pref_tasks/*/incomplete*'))) == 0
+
+
+def test_a_mixture_without_a_tokenizer_trains_one_on_all_its_datasets(data_dir):
+  """SFT from scratch on the default mixture: the tokenizer is trained on both
+  datasets (it once failed: the mixture's name was opened as one dataset)."""
+  from configs import sft
+  c = sft.get_config('size=test')
+  c.data.data_dir, c.data.tokenizer = data_dir, ''
+  assert '+' in c.data.name
+  tok = pipeline.get_tokenizer(c.data, 512)
+  assert os.path.exists(pipeline.default_tokenizer_path(c.data, 512))
+  for text in ('def reverse(xs):\n    return xs[::-1]', '12 + 30 = 42'):  # one from each dataset's kind
+    assert tok.decode(tok.encode(text, False, False)) == text

@@ -48,6 +48,13 @@ def timed(fn, *args, repeats: int = 2):
   return out, first, (time.time() - t0) / repeats
 
 
+def _with_attention(model_cfg, impl: str):
+  """A copy of config.model with attention_impl=impl."""
+  out = model_cfg.copy_and_resolve_references()
+  out.attention_impl = impl
+  return out
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--size', default='1b')
@@ -76,9 +83,16 @@ def main() -> None:
   mask = np.asarray(out['mask'])
   report.update(rollout_s=roll_s, rollout_compile_s=compile_s, rollout_tokens_per_s=float(mask.sum()) / roll_s)
 
-  trainer_logps = jax.jit(lambda p, o: sampling.completion_logprobs(model, p, o, P, 1.0))(params, out)
-  diff = np.abs(np.asarray(trainer_logps) - np.asarray(out['logps'])) * mask
-  report.update(logp_diff_mean=float(diff.sum() / mask.sum()), logp_diff_max=float(diff.max()))
+  # The trainer's forward with the configured attention ('auto': cuDNN on a GPU in
+  # bf16) and with einsum, the path the sampler's KV-cache decode takes.
+  for impl in (cfg.attention_impl, 'einsum'):
+    scorer = models.build(c.model.copy_and_resolve_references() if impl == cfg.attention_impl
+                          else _with_attention(c.model, impl))
+    trainer_logps = jax.jit(lambda p, o, m=scorer: sampling.completion_logprobs(m, p, o, P, 1.0))(params, out)
+    diff = np.abs(np.asarray(trainer_logps) - np.asarray(out['logps'])) * mask
+    suffix = '' if impl == cfg.attention_impl else f'_trainer_{impl}'
+    report.update({f'logp_diff_mean{suffix}': float(diff.sum() / mask.sum()),
+                   f'logp_diff_max{suffix}': float(diff.max())})
 
   # One GRPO step on this rollout: rewards are random (no task), advantages from them.
   B, L = P0 * n, P + N

@@ -38,6 +38,45 @@ REFERENCE = dict(vocab_size=8000, d_model=256, n_layers=4, n_heads=4, n_kv_heads
 REF_BATCH, REF_SEQ = 16, 256
 
 
+# `--isa=avx2`: both sides restricted to AVX2 on a machine that has AVX-512, to
+# measure the other common kind of x86 machine (issue 18). XLA: its own switch;
+# PyTorch: ATen's kernel dispatch, oneDNN and MKL each have one.
+ISA_ENV = {'avx2': {'XLA_FLAGS': '--xla_cpu_max_isa=AVX2', 'ATEN_CPU_CAPABILITY': 'avx2',
+                    'ONEDNN_MAX_CPU_ISA': 'AVX2', 'MKL_ENABLE_INSTRUCTIONS': 'AVX2'}}
+_ISA_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512bw', 'avx512_vnni', 'avx512_bf16', 'amx_tile', 'amx_bf16')
+
+
+def machine_header(isa: str = '') -> str:
+  """What the benchmark ran on: CPU model, the ISA flags that matter, cores,
+  library versions (and the ISA restriction, if any)."""
+  import importlib.metadata as metadata  # pylint: disable=import-outside-toplevel
+  import platform  # pylint: disable=import-outside-toplevel
+  info, flags = {}, set()
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        key, _, value = (part.strip() for part in line.partition(':'))
+        if key in ('model name', 'cpu family', 'model') and key not in info:
+          info[key] = value
+        elif key == 'flags':
+          flags = set(value.split())
+          break
+  except OSError:
+    pass
+  model = (f'{info.get("model name", platform.processor() or "?")} (family {info.get("cpu family", "?")}, '
+           f'model {info.get("model", "?")})')
+  versions = []
+  for pkg in ('jax', 'jaxlib', 'torch'):
+    try:
+      versions.append(f'{pkg} {metadata.version(pkg)}')
+    except metadata.PackageNotFoundError:
+      pass
+  isa_note = f'; restricted to {isa.upper()} ({", ".join(f"{k}={v}" for k, v in ISA_ENV[isa].items())})' if isa else ''
+  return (f'machine: {model}, {os.cpu_count()} logical CPUs; ISA: '
+          f'{" ".join(f for f in _ISA_FLAGS if f in flags) or "?"}{isa_note}\n'
+          f'versions: python {platform.python_version()}, {", ".join(versions)}')
+
+
 def _rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -248,6 +287,7 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=8)
   parser.add_argument('--attention', default='einsum', help='einsum | xla | cudnn | auto (CPU row)')
   parser.add_argument('--row', type=int, default=-1, help='--gpu: run only this row of GPU_ROWS')
+  parser.add_argument('--isa', default='', choices=('', *ISA_ENV), help='restrict both sides to this ISA')
   args = parser.parse_args()
   if args.part:
     fn = {'peak': lambda: part_peak(args.gpu),
@@ -258,6 +298,11 @@ def main() -> None:
     print(json.dumps(fn()))
     return
 
+  if args.isa:  # the parts (subprocesses) inherit it
+    for k, v in ISA_ENV[args.isa].items():
+      os.environ[k] = f'{os.environ.get(k, "")} {v}'.strip() if k == 'XLA_FLAGS' else v
+  if not args.gpu:
+    print(machine_header(args.isa), flush=True)
   flag = ['--gpu'] if args.gpu else []
   steps = [f'--steps={args.steps}']
   peak = _run_part('peak', *flag)

@@ -14,6 +14,7 @@ needs several hosts.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -33,10 +34,12 @@ def default_tokenizer_path(data_cfg, vocab_size: int) -> str:
   return os.path.join(sources.resolve_data_dir(data_cfg.data_dir), 'tokenizers', f'{slug}-v{vocab_size}.model')
 
 
-def _train_and_save_tokenizer(src, data_cfg, vocab_size: int, path: str) -> None:
-  """Trains a tokenizer on `src` (opened by every process: opening prepares the
-  data behind a barrier, so it must not happen here, where one process runs)"""
-  tok = train_tokenizer(sources.iter_texts(src, data_cfg.text_key), vocab_size)
+def _train_and_save_tokenizer(srcs, data_cfg, vocab_size: int, path: str) -> None:
+  """Trains a tokenizer on the sources `srcs` (opened by every process: opening
+  prepares the data behind a barrier, so it must not happen here, where one
+  process runs)"""
+  texts = itertools.chain.from_iterable(sources.iter_texts(src, data_cfg.text_key) for src in srcs)
+  tok = train_tokenizer(texts, vocab_size)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f'{path}.tmp{os.getpid()}'
   tok.save(tmp)
@@ -62,12 +65,14 @@ def get_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
     return Tokenizer.load(data_cfg.tokenizer)
   import jax  # pylint: disable=import-outside-toplevel
   path = default_tokenizer_path(data_cfg, vocab_size)
-  src = open_source(data_cfg, data_cfg.train_split)  # every process: preparing data has its own barrier
+  # Every process opens the data (preparing it has its own barrier); a mixture
+  # ('a+b') trains on all of its datasets.
+  srcs = [open_named(data_cfg, name, data_cfg.train_split) for name in dataset_names(data_cfg)]
   if jax.process_index() == 0 and not os.path.exists(path):
-    _train_and_save_tokenizer(src, data_cfg, vocab_size, path)
+    _train_and_save_tokenizer(srcs, data_cfg, vocab_size, path)
   sources.sync_processes('tokenizer_ready')
   if not os.path.exists(path):  # hosts that do not share process 0's disk
-    _train_and_save_tokenizer(src, data_cfg, vocab_size, path)
+    _train_and_save_tokenizer(srcs, data_cfg, vocab_size, path)
   return Tokenizer.load(path)
 
 
