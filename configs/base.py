@@ -159,6 +159,11 @@ def base_config(stage: str, size: str, family: str = 'llama') -> ml_collections.
       add_eos=True,
       shuffle_window=1024,  # packed rows shuffled in windows of this many rows
       mix_weights=(),       # for data.name='a+b': sampling weights of the datasets
+      # Per-host input: the global batch is this many independent streams, and each
+      # process builds only its own (a multiple of the process count; divides
+      # batch_size). The data order depends on it, not on the process count.
+      # 1: one stream that every process builds whole, keeping its rows.
+      streams=1,
   ))
 
   # LoRA: rank 0 = off. targets: a preset (attention | attention_up_down | all_linear) or a regex

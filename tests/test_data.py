@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import grain
 import numpy as np
 import pytest
 
@@ -145,6 +146,34 @@ def test_grain_source_state_resumes_the_stream(tokenizer, test_config):
     assert sorted(x) == ['inputs', 'positions', 'segment_ids', 'targets']
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_streams_partition_the_data_and_their_state_resumes_exactly(tokenizer, test_config):
+  """data.streams=2 in one process: stream s packs every 2nd document from the s-th
+  (documents land in exactly one stream), a batch is stream 0's rows then stream
+  1's, and the gathered state continues both streams exactly."""
+  c = test_config()
+  src = pipeline.open_source(c.data, 'train')
+  make = lambda s, n, rows: pipeline.packed_dataset(src, tokenizer, seq_len=32, batch_size=rows, seed=1,
+                                                    stream=(s, n))
+  docs = grain.MapDataset.source(src).shuffle(seed=1)
+  firsts = [pipeline.take_stream(docs, s, 2)[0] for s in (0, 1)]
+  assert firsts == [docs[0], docs[1]]
+  a, b = pipeline.StreamSource(make, 2, 4), pipeline.StreamSource(make, 2, 4)
+  whole = [iter(make(s, 2, 2)) for s in (0, 1)]
+  first = a.next(None)
+  parts = [next(it) for it in whole]
+  for k in first:
+    np.testing.assert_array_equal(first[k], np.concatenate([parts[0][k], parts[1][k]]))
+  state = json_lists_to_tuples(json.loads(json.dumps(a.get_state())))
+  assert list(state['rows_built']) == [4] and sorted(state['states']) == ['0', '1']
+  b.set_state(state)
+  for _ in range(3):
+    x, y = a.next(None), b.next(None)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  with pytest.raises(UserError, match='data.streams=3'):
+    pipeline.StreamSource(make, 3, 4)  # does not divide the batch
 
 
 def _split_texts(path, data_dir, text_key='text'):

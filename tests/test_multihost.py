@@ -63,3 +63,47 @@ def test_two_processes_match_one_and_checkpoint_moves_to_one_process(tmp_path, c
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'resumed from' in r.stdout
   assert sorted(_losses(two)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_per_host_input_each_process_builds_its_own_rows(tmp_path, corpus_dir, data_dir):
+  """data.streams=2: each of 2 processes builds (reads, tokenizes, packs) only
+  its half of every global batch, the losses equal 1 process x 8 devices
+  building both streams, and the 2-process checkpoint resumes in 1 process on
+  the same data."""
+  # A constant learning rate: the 4-step run continued to 6 follows the 6-step schedule.
+  flags = ['--config.mesh.data=2', '--config.mesh.fsdp=4', '--config.data.streams=2',
+           '--config.optimizer.decay=constant']
+  one = str(tmp_path / 'one')
+  subprocess.run(_cmd(one, corpus_dir, data_dir, *flags, '--config.steps=6'), cwd=ROOT, env=_env(8),
+                 check=True, capture_output=True, timeout=600)
+
+  two = str(tmp_path / 'two')
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _cmd(two, corpus_dir, data_dir, *flags, '--config.steps=4', '--config.checkpoint_every=4',
+           f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'),
+      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs
+
+  # The checkpoint's data state records the rows each process built: half each.
+  with open(os.path.join(two, 'checkpoints', '4', 'data', 'metadata')) as f:
+    data_state = json.load(f)
+  batch_rows = 8  # the test preset's batch_size
+  assert data_state['rows_built'] == [4 * batch_rows // 2] * 2
+  assert sorted(data_state['states']) == ['0', '1']
+
+  want = _losses(one)
+  got = _losses(two)
+  assert sorted(got) == [1, 2, 3, 4]
+  for step in got:
+    assert abs(got[step] - want[step]) / abs(want[step]) < 1e-5, (step, got[step], want[step])
+
+  r = subprocess.run(_cmd(two, corpus_dir, data_dir, *flags, '--config.steps=6'),
+                     cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  got = _losses(two)
+  assert sorted(got) == [1, 2, 3, 4, 5, 6]
+  for step in (5, 6):
+    assert abs(got[step] - want[step]) / abs(want[step]) < 1e-5, (step, got[step], want[step])

@@ -398,12 +398,12 @@ def max_pairs(batch_size: int, pairs_per_row: int) -> int:
 
 def pair_dataset(sources_list, weights, render: RenderPair, *, batch_size: int, seed: int,
                  shuffle: bool = True, num_epochs: int | None = None, pairs_per_row: int = 1,
-                 drop_remainder: bool = True) -> grain.IterDataset:
+                 drop_remainder: bool = True, stream: tuple[int, int] = (0, 1)) -> grain.IterDataset:
   """Batches of preference pairs (layout: module docstring), all pairs of a row
   in one batch; at the end of a finite stream the unfinished batch is dropped,
   or with drop_remainder=False padded."""
   ds = pipeline.mixed_source(sources_list, weights, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
-  ds = ds.map(render.group).filter(lambda x: x is not None)
+  ds = pipeline.take_stream(ds, *stream).map(render.group).filter(lambda x: x is not None)
   return PairBatches(pipeline.to_iter(ds), batch_size=batch_size, seq_len=render.seq_len,
                      pairs_per_row=pairs_per_row, drop_remainder=drop_remainder)
 
@@ -430,12 +430,13 @@ def check_rows(source, name: str, text_key: str, most_pairs: int) -> None:
 
 
 def train_dataset(data_cfg, render: RenderPair, *, batch_size: int, seed: int,
-                  pairs_per_row: int = 1) -> grain.IterDataset:
+                  pairs_per_row: int = 1, stream: tuple[int, int] = (0, 1)) -> grain.IterDataset:
   """The shuffled, mixed, repeating stream of pair batches of config.data."""
   names, srcs, weights = pipeline.open_mixture(data_cfg, data_cfg.train_split)
   for name, src in zip(names, srcs):
     check_rows(src, name, data_cfg.text_key, max_pairs(batch_size, pairs_per_row))
-  return pair_dataset(srcs, weights, render, batch_size=batch_size, seed=seed, pairs_per_row=pairs_per_row)
+  return pair_dataset(srcs, weights, render, batch_size=batch_size, seed=seed, pairs_per_row=pairs_per_row,
+                      stream=stream)
 
 
 def eval_batches(data_cfg, render: RenderPair, *, batch_size: int, max_batches: int,

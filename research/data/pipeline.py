@@ -132,7 +132,7 @@ def rename_packed(row: dict) -> dict:
 
 def packed_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
                    text_key: str = 'text', add_bos: bool = True, add_eos: bool = True,
-                   shuffle: bool = True, num_epochs: int | None = None,
+                   shuffle: bool = True, num_epochs: int | None = None, stream: tuple[int, int] = (0, 1),
                    shuffle_window: int = 1024) -> grain.IterDataset:
   """Global batches of packed rows: dicts of int32 [batch_size, seq_len].
 
@@ -143,7 +143,7 @@ def packed_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: in
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed)  # reshuffled each epoch by repeat()
-  ds = ds.repeat(num_epochs).map(_Tokenize(tokenizer, text_key, add_bos, add_eos))
+  ds = take_stream(ds.repeat(num_epochs), *stream).map(_Tokenize(tokenizer, text_key, add_bos, add_eos))
   ds = grain.experimental.ConcatThenSplitIterDataset(
       to_iter(ds), length_struct={'inputs': seq_len, 'targets': seq_len})
   ds = ds.map(rename_packed)
@@ -176,6 +176,78 @@ class GrainSource:
   def set_state(self, state: dict) -> None:
     """Continues from a state that get_state returned."""
     self._it.set_state(state)
+
+
+def take_stream(ds: grain.MapDataset, stream: int, streams: int) -> grain.MapDataset:
+  """Stream `stream` of `streams`: every streams-th element of the (shuffled,
+  repeated) element order, starting at `stream`. The streams partition it."""
+  return ds if streams == 1 else ds[stream::streams]
+
+
+def local_streams(streams: int, batch_size: int) -> range:
+  """The streams (data.streams) whose rows this process feeds: a contiguous run,
+  so that their rows are this process's rows of the global batch."""
+  import jax  # pylint: disable=import-outside-toplevel
+  count = jax.process_count()
+  if streams < 1 or batch_size % streams:
+    raise UserError(f'data.streams={streams} must be at least 1 and divide batch_size={batch_size}.')
+  if streams % count:
+    raise UserError(f'data.streams={streams} does not divide over {count} processes; make it a multiple '
+                    'of the process count (each process builds the rows of its own streams).')
+  per = streams // count
+  return range(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+class StreamSource:
+  """Per-host input: the global batch is `streams` independent streams of
+  batch_size / streams rows each, stream s holding rows [s * rows, (s + 1) * rows).
+  This process builds (reads, tokenizes, packs) only its own streams and returns
+  its rows; the global batch depends on the seed and data.streams alone, so a
+  run can move to any process count that divides data.streams, and resume
+  exactly (the checkpoint holds every stream's iterator state).
+
+  `make(stream, streams, rows)` returns a grain dataset of [rows, ...] batches.
+  """
+
+  local_rows = True  # next() gives this process's rows, not the global batch
+
+  def __init__(self, make, streams: int, batch_size: int):
+    self.streams = streams
+    self._its = {s: iter(make(s, streams, batch_size // streams)) for s in local_streams(streams, batch_size)}
+    self.rows_built = 0  # rows this process has built (a counter for tests and logs)
+
+  def next(self, policy=None) -> dict[str, np.ndarray]:
+    """This process's rows of the next global batch."""
+    del policy
+    parts = [next(it) for it in self._its.values()]
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    self.rows_built += len(next(iter(batch.values())))
+    return batch
+
+  def get_state(self) -> dict:
+    """Every stream's iterator state, gathered from all processes, and the rows
+    each process has built (a record; restoring ignores it)."""
+    parts = sources.allgather_json({'states': {str(s): it.get_state() for s, it in self._its.items()},
+                                    'rows_built': self.rows_built})
+    states = {k: v for part in parts for k, v in part['states'].items()}
+    return {'streams': self.streams, 'states': states, 'rows_built': [part['rows_built'] for part in parts]}
+
+  def set_state(self, state: dict) -> None:
+    """Continues from a state that get_state returned (any process count)."""
+    if state.get('streams') != self.streams:
+      raise UserError(f'the checkpoint\'s data state has {state.get("streams", 1)} streams but '
+                      f'data.streams={self.streams}; the data order would change. Keep data.streams.')
+    for s, it in self._its.items():
+      it.set_state(state['states'][str(s)])
+
+
+def stream_source(make, streams: int, batch_size: int):
+  """The batch source of a stage's training data: `make(stream, streams, rows)`
+  builds one stream. data.streams=1: one stream that every process builds whole
+  (GrainSource; the trainer keeps each process's rows); more: StreamSource."""
+  if streams == 1:
+    return GrainSource(make(0, 1, batch_size))
+  return StreamSource(make, streams, batch_size)
 
 
 def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:

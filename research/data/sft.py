@@ -84,9 +84,12 @@ def pad_example(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.nd
 
 def sft_dataset(sources_list, weights, tokenizer, *, seq_len: int, batch_size: int, seed: int,
                 mask: str = 'assistant', packing: bool = True, text_key: str = '',
-                shuffle: bool = True, num_epochs: int | None = None) -> grain.IterDataset:
-  """Batches of rendered examples, packed (segment ids) or padded one per row."""
+                shuffle: bool = True, num_epochs: int | None = None,
+                stream: tuple[int, int] = (0, 1)) -> grain.IterDataset:
+  """Batches of rendered examples, packed (segment ids) or padded one per row;
+  `stream` = (s, n): only stream s of n (pipeline.take_stream)."""
   ds = pipeline.mixed_source(sources_list, weights, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
+  ds = pipeline.take_stream(ds, *stream)
   ds = ds.map(_Render(tokenizer, seq_len, mask, text_key)).filter(lambda x: x is not None)
   it = pipeline.to_iter(ds)
   if packing:
@@ -100,13 +103,13 @@ def sft_dataset(sources_list, weights, tokenizer, *, seq_len: int, batch_size: i
 
 
 def train_dataset(data_cfg, tokenizer, *, seq_len: int, batch_size: int, seed: int, mask: str,
-                  packing: bool) -> grain.IterDataset:
+                  packing: bool, stream: tuple[int, int] = (0, 1)) -> grain.IterDataset:
   """The shuffled, mixed, repeating stream of training batches of config.data."""
   names, srcs, weights = pipeline.open_mixture(data_cfg, data_cfg.train_split)
   for n, src in zip(names, srcs):
     check_rows(src, n, data_cfg.text_key)
   return sft_dataset(srcs, weights, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                     mask=mask, packing=packing, text_key=data_cfg.text_key)
+                     mask=mask, packing=packing, text_key=data_cfg.text_key, stream=stream)
 
 
 def eval_batches(data_cfg, tokenizer, *, seq_len: int, batch_size: int, mask: str, packing: bool,

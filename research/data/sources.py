@@ -27,6 +27,7 @@ import sys
 import sysconfig
 from typing import Iterator
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from research.errors import UserError
@@ -283,6 +284,21 @@ def sync_processes(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)
+
+
+def allgather_json(obj) -> list:
+  """[obj of process 0, obj of process 1, ...]: a JSON-serialisable value from
+  every process (just [obj] with one)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  data = np.frombuffer(json.dumps(obj).encode('utf-8'), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(len(data)))
+  padded = np.zeros(int(np.max(sizes)), np.uint8)
+  padded[:len(data)] = data
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:n]).decode('utf-8')) for row, n in zip(gathered, sizes)]
 
 
 def example_text(example: dict, text_key: str) -> str:

@@ -24,9 +24,10 @@ def stage(config) -> Stage:
 
   def train_source(tokenizer):
     src = pipeline.open_source(d, d.train_split)
-    return pipeline.GrainSource(pipeline.packed_dataset(
-        src, tokenizer, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
-        text_key=d.text_key, add_bos=d.add_bos, add_eos=d.add_eos, shuffle_window=d.shuffle_window))
+    return pipeline.stream_source(lambda s, n, rows: pipeline.packed_dataset(
+        src, tokenizer, seq_len=config.seq_len, batch_size=rows, seed=config.seed, text_key=d.text_key,
+        add_bos=d.add_bos, add_eos=d.add_eos, shuffle_window=d.shuffle_window, stream=(s, n)),
+        d.streams, config.batch_size)
 
   def eval_batches(tokenizer):
     return pipeline.eval_batches(d, tokenizer, seq_len=config.seq_len, batch_size=config.batch_size,

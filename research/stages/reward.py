@@ -99,7 +99,8 @@ def stage(config) -> Stage:
   render = lambda tok: pairs.RenderPair(tok, config.seq_len, d.text_key, render=pairs.render_scored)
   return Stage(
       name='reward', loss=make_loss(config.reward), batch_axes=batch_axes(S),
-      train_source=lambda tok: pipeline.GrainSource(pairs.train_dataset(
-          d, render(tok), batch_size=config.batch_size, seed=config.seed, pairs_per_row=S)),
+      train_source=lambda tok: pipeline.stream_source(lambda s, n, rows: pairs.train_dataset(
+          d, render(tok), batch_size=rows, seed=config.seed, pairs_per_row=S, stream=(s, n)),
+          d.streams, config.batch_size),
       eval_batches=lambda tok: pairs.eval_batches(d, render(tok), batch_size=config.batch_size,
                                                   max_batches=config.eval_batches, pairs_per_row=S))

@@ -34,6 +34,9 @@ def stage(config) -> Stage:
   shape = dict(seq_len=config.seq_len, batch_size=config.batch_size, mask=s.loss_mask, packing=s.packing)
   return Stage(
       name='sft', loss=loss, batch_axes=BATCH_AXES,
-      train_source=lambda tok: pipeline.GrainSource(sft_data.train_dataset(d, tok, seed=config.seed, **shape)),
+      train_source=lambda tok: pipeline.stream_source(
+          lambda s, n, rows: sft_data.train_dataset(d, tok, seed=config.seed, stream=(s, n),
+                                                    **dict(shape, batch_size=rows)),
+          d.streams, config.batch_size),
       eval_batches=lambda tok: sft_data.eval_batches(d, tok, max_batches=config.eval_batches, **shape),
       evaluators=(evaluation.perplexity,) + evaluation.task_evaluators(d, config.task_eval), prompt_format=chat.CHAT)

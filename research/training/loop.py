@@ -197,7 +197,7 @@ def _loop(run: Run, start: int, preemption: Preemption) -> int | None:
   previous = None  # (step, metrics) of the step before, checked once this one is dispatched
   with trainer.mesh_context():
     for step in range(start + 1, config.steps + 1):
-      batch = trainer.to_global(run.source.next(run.policy()))
+      batch = trainer.to_global(run.source.next(run.policy()), local=getattr(run.source, 'local_rows', False))
       run.state, run.metrics = trainer.train_step(run.state, batch, run.frozen)
       # One step behind, so that reading the skip counter never stalls the dispatch queue.
       if previous is not None:

@@ -117,11 +117,19 @@ class Trainer:
 
   # ---- data ---------------------------------------------------------------------
 
-  def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Global jax.Arrays from this process's rows of a global numpy batch."""
+  def to_global(self, batch: dict[str, np.ndarray], local: bool = False) -> dict[str, jax.Array]:
+    """Global jax.Arrays from a global numpy batch (this process keeps its rows),
+    or with local=True from this process's rows alone (per-host input)."""
     if set(batch) != set(self.batch_shardings):
       raise UserError(f'stage {self.stage.name!r}: its batch has keys {sorted(batch)} but its '
                       f'batch_axes name {sorted(self.batch_shardings)}; make them the same.')
-    local = pipeline.local_rows(batch, self.rows)
+    if local:
+      n_local = self.rows.stop - self.rows.start
+      if any(v.shape[0] != n_local for v in batch.values()):
+        raise ValueError(f'a local batch needs {n_local} rows per array; got {jax.tree.map(np.shape, batch)}')
+      return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], v,
+                                                        (self.config.batch_size, *v.shape[1:]))
+              for k, v in batch.items()}
+    rows = pipeline.local_rows(batch, self.rows)
     return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], v, batch[k].shape)
-            for k, v in local.items()}
+            for k, v in rows.items()}
