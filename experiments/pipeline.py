@@ -14,9 +14,10 @@
    report the reward model's held-out score, exact match and the KL.
 
 Each stage's run directory lives under --runs; re-running resumes (or skips)
-finished work. --parallel runs 3, 4 and 5 at once, each logging to
-<runs>/<stage>.log (on an accelerator the tiny stages leave it and the CPU cores
-mostly idle; on a 2-core CPU it gains nothing).
+finished work; <runs>/summary.png shows each stage's held-out curve. --parallel
+runs 3, 4 and 5 at once, each logging to <runs>/<stage>.log (on an accelerator
+the tiny stages leave it and the CPU cores mostly idle; on a 2-core CPU it gains
+nothing).
 
     python -m experiments.pipeline --runs=runs [--parallel]
 """
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import time
 
+from experiments import plot
 from research.training.metrics import read_metrics
 
 
@@ -90,6 +92,12 @@ def main() -> None:
     dpo, rm, grpo = (run_stage(cfg, wd, f'--config.init_from={sft_dir}', *rest) for cfg, wd, *rest in after_sft)
   ppo = run_stage('configs/ppo.py:size=tiny', ppo_dir, f'--config.init_from={sft_dir}',
                   f"--config.ppo.rewards=('reward_model:{rm_dir}',)")
+
+  summary = os.path.join(args.runs, 'summary.png')
+  panels = (('pretrain', pre, 'eval/loss'), ('sft', sft, 'eval/exact_match'),
+            ('dpo', dpo, 'eval/rewards/accuracies'), ('reward model', rm, 'eval/accuracy'),
+            ('grpo', grpo, 'eval/exact_match'), ('ppo', ppo, 'eval/reward_model/score'))
+  plot.plot_stages(panels, summary)
 
   a, b = first_and_last(pre, 'eval/loss')
   print(f'\npretrain: validation loss {a["eval/loss"]:.3f} (step {a["step"]}) -> '
