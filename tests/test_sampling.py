@@ -265,3 +265,27 @@ def test_generate_with_a_smaller_tokenizer_gives_decodable_ids():
     for out in outs:
       assert len(out) == 8 and max(out) < tok.vocab_size
       assert isinstance(tok.sp.decode(out), str)
+
+
+def test_prefill_forms_only_the_last_positions_logits():
+  """The rollout's prefill applies the output layer to each prompt's last token:
+  its compiled temporaries stay far below the [B, P, V] float32 logits (64 MiB
+  here), which a forward pass that slices the last position afterwards holds;
+  and its logits equal the full forward's last position."""
+  from research import models  # pylint: disable=import-outside-toplevel
+  cfg = Config(vocab_size=32768, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+  model = Model(cfg)
+  B, P = 2, 256
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (B, P), 0, cfg.vocab_size)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), tokens[:, :8]))['params']
+  pos, seg = jnp.broadcast_to(jnp.arange(P), (B, P)), jnp.ones((B, P), jnp.int32)
+  cache = models.init_cache(cfg, B, P + 8)
+  prefill = jax.jit(lambda p, t, c: sampling._prefill(model, p, t, pos, seg, c))  # pylint: disable=protected-access
+  sliced = jax.jit(lambda p, t, c: model.apply({'params': p}, t, pos, seg, cache=c)[0][:, -1])
+  temp = lambda f: f.lower(params, tokens, cache).compile().memory_analysis().temp_size_in_bytes
+  full = B * P * cfg.vocab_size * 4
+  assert temp(sliced) >= full
+  assert temp(prefill) < full / 4
+  logits_BV, _ = prefill(params, tokens, cache)
+  want, _ = model.apply({'params': params}, tokens, pos, seg)
+  np.testing.assert_allclose(np.asarray(logits_BV), np.asarray(want[:, -1]), rtol=1e-5, atol=1e-5)
