@@ -86,8 +86,7 @@ def main() -> None:
   # The trainer's forward with the configured attention ('auto': cuDNN on a GPU in
   # bf16) and with einsum, the path the sampler's KV-cache decode takes.
   for impl in (cfg.attention_impl, 'einsum'):
-    scorer = models.build(c.model.copy_and_resolve_references() if impl == cfg.attention_impl
-                          else _with_attention(c.model, impl))
+    scorer = model if impl == cfg.attention_impl else models.build(_with_attention(c.model, impl))
     trainer_logps = jax.jit(lambda p, o, m=scorer: sampling.completion_logprobs(m, p, o, P, 1.0))(params, out)
     diff = np.abs(np.asarray(trainer_logps) - np.asarray(out['logps'])) * mask
     suffix = '' if impl == cfg.attention_impl else f'_trainer_{impl}'

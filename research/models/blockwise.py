@@ -115,7 +115,7 @@ def _backward(block, causal, res, d_out):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_attention.defvjp(lambda q, k, v, mask, block, causal: _forward(q, k, v, mask, block, causal), _backward)
+_attention.defvjp(_forward, _backward)
 
 
 def blockwise_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, *, block: int = 512, causal: bool = True):
