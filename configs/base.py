@@ -25,6 +25,21 @@ MODEL_PRESETS = {
     '7b': dict(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008),
     '8b': dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336, logits_chunk=1024,
                rope_theta=500000.0),
+    # Gemma (family 'gemma', set by the preset): the published shapes.
+    'gemma2-2b': dict(family='gemma', version=2, vocab_size=256000, d_model=2304, n_layers=26, n_heads=8,
+                      n_kv_heads=4, head_dim=256, d_ff=9216, query_pre_attn_scalar=256.0, sliding_window=4096,
+                      logits_chunk=1024),
+    'gemma2-9b': dict(family='gemma', version=2, vocab_size=256000, d_model=3584, n_layers=42, n_heads=16,
+                      n_kv_heads=8, head_dim=256, d_ff=14336, query_pre_attn_scalar=256.0, sliding_window=4096,
+                      logits_chunk=1024),
+    'gemma3-1b': dict(family='gemma', version=3, vocab_size=262144, d_model=1152, n_layers=26, n_heads=4,
+                      n_kv_heads=1, head_dim=256, d_ff=6912, query_pre_attn_scalar=256.0, sliding_window=512,
+                      sliding_pattern=6, rope_theta=1_000_000.0, attn_softcap=0.0, final_softcap=0.0,
+                      logits_chunk=1024),
+    'gemma3-4b': dict(family='gemma', version=3, vocab_size=262208, d_model=2560, n_layers=34, n_heads=8,
+                      n_kv_heads=4, head_dim=256, d_ff=10240, query_pre_attn_scalar=256.0, sliding_window=1024,
+                      sliding_pattern=6, rope_theta=1_000_000.0, rope_linear_factor=8.0, attn_softcap=0.0,
+                      final_softcap=0.0, logits_chunk=1024),
 }
 
 # Per-preset run shape: (batch_size, seq_len, steps, optimizer lr).
@@ -35,7 +50,13 @@ RUN_PRESETS = {
     '1b': (256, 2048, 100_000, 3e-4),
     '7b': (1024, 4096, 250_000, 3e-4),
     '8b': (1024, 8192, 250_000, 3e-4),
+    'gemma2-2b': (512, 4096, 100_000, 3e-4),
+    'gemma2-9b': (1024, 4096, 250_000, 3e-4),
+    'gemma3-1b': (512, 4096, 100_000, 3e-4),
+    'gemma3-4b': (1024, 4096, 250_000, 3e-4),
 }
+ACCELERATOR_SIZES = ('small', '1b', '7b', '8b', 'gemma2-2b', 'gemma2-9b', 'gemma3-1b', 'gemma3-4b')  # bfloat16
+LARGE_SIZES = ACCELERATOR_SIZES[1:]  # scanned layers, full remat
 
 # Logical axis -> mesh axes. Order is priority: flax assigns a mesh axis to the
 # first matching rule whose mesh axes are still free in that array, so `batch`
@@ -75,8 +96,10 @@ def model_config(size: str, family: str = 'llama') -> ml_collections.ConfigDict:
   if size not in MODEL_PRESETS:
     raise ValueError(f'unknown size {size!r}; choose one of {sorted(MODEL_PRESETS)}')
   from research import models  # pylint: disable=import-outside-toplevel
+  preset = dict(MODEL_PRESETS[size])
+  family = preset.pop('family', family)  # a Gemma preset is of the gemma family whatever `family` says
   fields = {f.name: f.default for f in dataclasses.fields(models.family(family).Config)}
-  fields.update(MODEL_PRESETS[size])
+  fields.update(preset)
   return ml_collections.ConfigDict({'family': family, **fields})
 
 
@@ -130,9 +153,9 @@ def base_config(stage: str, size: str, family: str = 'llama') -> ml_collections.
   c.dry_run = False
 
   c.model = model_config(size, family)
-  if size in ('small', '1b', '7b', '8b'):  # accelerator presets
+  if size in ACCELERATOR_SIZES:
     c.model.dtype = 'bfloat16'  # compute; parameters and optimizer state stay float32
-  if size in ('1b', '7b', '8b'):
+  if size in LARGE_SIZES:
     c.model.scan_layers = True  # compile one layer, not 32
     c.model.remat = 'full'
 
@@ -170,6 +193,11 @@ def base_config(stage: str, size: str, family: str = 'llama') -> ml_collections.
   # fully matching parameter paths such as 'layers_0/attn/q/kernel'.
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets='attention',
                                           rslora=False))
+
+  # Metrics always go to metrics.jsonl and TensorBoard (workdir/tensorboard); with a
+  # wandb_project also to Weights & Biases (`pip install wandb`; wandb_mode='offline'
+  # writes workdir/wandb without network, `wandb sync` uploads it later).
+  c.logging = ml_collections.ConfigDict(dict(wandb_project='', wandb_entity='', wandb_name='', wandb_mode=''))
 
   c.sample = ml_collections.ConfigDict(dict(
       prompts=('def ', 'import ', 'class '), max_new_tokens=48, temperature=0.8, top_k=0,

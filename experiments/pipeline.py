@@ -3,7 +3,8 @@
 1. pretrain the `tiny` preset on the Python standard library; report the
    validation loss at the start and the end, and print samples;
 2. supervised fine-tuning from it on the embedded SFT mixture (generated tasks
-   and stdlib code); report held-out exact match before and after;
+   and stdlib code); report held-out exact match before and after, and that
+   `research.evaluate` on the finished checkpoint gives the same number;
 3. DPO from the SFT model on the embedded preference pairs; report held-out
    preference accuracy (eval/rewards/accuracies) and exact match before and after;
 4. a reward model (score head, Bradley-Terry) from the SFT model on the same
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +69,16 @@ def per_family(a: dict, b: dict, prefix: str) -> str:
   return ', '.join(f'{f} {100 * a[prefix + "/" + f]:.0f} -> {100 * b[prefix + "/" + f]:.0f}' for f in families)
 
 
+def evaluate_run(workdir: str, *tasks: str) -> dict:
+  """`python -m research.evaluate` on a finished run; returns its results."""
+  cmd = [sys.executable, '-m', 'research.evaluate', f'--workdir={workdir}', *(f'--task={t}' for t in tasks)]
+  print('$ ' + ' '.join(cmd), flush=True)
+  if subprocess.call(cmd, stdout=subprocess.DEVNULL):
+    sys.exit(f'{workdir}: research.evaluate failed')
+  with open(os.path.join(workdir, 'eval', 'results.json')) as f:
+    return json.load(f)['results']
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--runs', default='runs', help='parent directory of the run directories')
@@ -77,6 +89,8 @@ def main() -> None:
 
   pre = run_stage('configs/pretrain.py:size=tiny', pre_dir)
   sft = run_stage('configs/sft.py:size=tiny', sft_dir, f'--config.init_from={pre_dir}')
+  # The evaluation command on the finished checkpoint: it must give the stage's own number.
+  sft_eval = evaluate_run(sft_dir, 'heldout')['heldout']
   # The best GRPO variant of experiments/results/rl.md within the time budget.
   grpo_overrides = ('--config.steps=200', '--config.eval_every=100', '--config.checkpoint_every=100',
                     "--config.grpo.rewards=('exact_match','partial_credit')", '--config.grpo.reward_weights=(1.0,0.5)')
@@ -106,7 +120,9 @@ def main() -> None:
   a, b = first_and_last(sft, 'eval/exact_match')
   print(f'sft: held-out exact match {100 * a["eval/exact_match"]:.1f}% -> '
         f'{100 * b["eval/exact_match"]:.1f}% ({per_family(a, b, "eval/exact_match")}); response loss '
-        f'{a["eval/loss"]:.3f} -> {b["eval/loss"]:.3f}')
+        f'{a["eval/loss"]:.3f} -> {b["eval/loss"]:.3f}; research.evaluate on its checkpoint: '
+        f'{100 * sft_eval["exact_match"]:.1f}%' + ('' if sft_eval['exact_match'] == b['eval/exact_match'] else
+                                                 ' (DIFFERS from the stage\'s own number)'))
   a, b = first_and_last(dpo, 'eval/rewards/accuracies')
   print(f'dpo: held-out preference accuracy {a["eval/rewards/accuracies"]:.3f} -> '
         f'{b["eval/rewards/accuracies"]:.3f} (reward margin {b["eval/rewards/margins"]:.2f}); '

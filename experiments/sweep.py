@@ -6,7 +6,15 @@
 
 Every point (the cartesian product of the --grid values) runs
 `python -m research.main --config=... --workdir=OUT/<point> --config.<key>=<value> ...`
-with the --set overrides too. Re-running the same command skips finished points
+with the --set overrides too. A key `config:<arg>` varies the config file's own
+argument instead (`--grid config:mode=full,lora` runs configs/sft.py:size=tiny,mode=lora).
+
+A sweep may also be a Python file (experiments/sweeps/*.py), run with
+`python -m experiments.sweep --sweep=experiments/sweeps/sft_lora.py`: it names
+CONFIG, and GRID ({key: [values]}) or POINTS (a list of {key: value}, for sweeps
+that are not a product), and optionally SET ({key: value}), METRIC, OUT, and
+TABLE (a results file written with the file's docstring, the command and the table).
+Command-line flags override the file's values. Re-running the same command skips finished points
 (OUT/<point>/sweep_point.json) and resumes an interrupted one from its
 checkpoint, so a killed sweep finishes with the same results. `--list` prints
 the commands of the unfinished points (for a scheduler or a job array) instead
@@ -55,15 +63,49 @@ def points(grid: dict[str, list[str]]) -> list[dict[str, str]]:
   return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
+def values_of(pts: list[dict[str, str]]) -> dict[str, list[str]]:
+  """{key: its distinct values in order of first appearance} over the points
+  (a grid again, for a grid's points)."""
+  grid: dict[str, list[str]] = {}
+  for point in pts:
+    for k, v in point.items():
+      if v not in grid.setdefault(k, []):
+        grid[k].append(v)
+  return grid
+
+
+def load_sweep_file(path: str) -> dict:
+  """The sweep a Python file defines: config, points, set, metric, out, table."""
+  import runpy  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(path):
+    raise SystemExit(f'--sweep={path}: no such file')
+  ns = runpy.run_path(path)
+  if 'CONFIG' not in ns or ('GRID' in ns) == ('POINTS' in ns):
+    raise SystemExit(f'{path}: define CONFIG, and one of GRID ({{key: [values]}}) or POINTS ([{{key: value}}])')
+  as_str = lambda d: {k: str(v) for k, v in d.items()}
+  pts = ([as_str(p) for p in ns['POINTS']] if 'POINTS' in ns
+         else points({k: [str(v) for v in vs] for k, vs in ns['GRID'].items()}))
+  return dict(config=ns['CONFIG'], points=pts, set=as_str(ns.get('SET', {})), metric=ns.get('METRIC', ''),
+              out=ns.get('OUT', ''), table=ns.get('TABLE', ''), doc=(ns.get('__doc__') or '').strip())
+
+
 def point_name(point: dict[str, str]) -> str:
-  """A directory name for a point: 'lora.rank=4,optimizer.lr=1e-3'."""
-  return re.sub(r'[^A-Za-z0-9._=,+-]', '-', ','.join(f'{k}={v}' for k, v in point.items())) or 'default'
+  """A directory name for a point: 'lora.rank=4,optimizer.lr=1e-3' ('mode=lora' for 'config:mode')."""
+  name = ','.join(f'{k.removeprefix("config:")}={v}' for k, v in point.items())
+  return re.sub(r'[^A-Za-z0-9._=,+-]', '-', name) or 'default'
+
+
+CONFIG_ARG = 'config:'  # a key naming an argument of the config file, not a config field
 
 
 def command(config: str, workdir: str, overrides: dict[str, str]) -> list[str]:
-  """The research.main command line of one point."""
+  """The research.main command line of one point (`config:<arg>` keys join the
+  config file's argument)."""
+  args = [f'{k[len(CONFIG_ARG):]}={v}' for k, v in overrides.items() if k.startswith(CONFIG_ARG)]
+  if args:
+    config += (',' if ':' in config else ':') + ','.join(args)
   return [sys.executable, '-m', 'research.main', f'--config={config}', f'--workdir={workdir}',
-          *(f'--config.{k}={v}' for k, v in overrides.items())]
+          *(f'--config.{k}={v}' for k, v in overrides.items() if not k.startswith(CONFIG_ARG))]
 
 
 def run_point(cmd: list[str], workdir: str) -> None:
@@ -79,7 +121,7 @@ def run_point(cmd: list[str], workdir: str) -> None:
 
 def final_metrics(rows: list[dict], metric: str) -> dict[str, float]:
   """The chosen metric and the top-level eval/* metrics of the last row holding
-  `metric`, and the final train/loss."""
+  `metric`, the final train/loss, and the trainable parameter count."""
   hits = [r for r in rows if metric in r]
   out = {}
   if hits:
@@ -87,6 +129,9 @@ def final_metrics(rows: list[dict], metric: str) -> dict[str, float]:
   losses = [r['train/loss'] for r in rows if 'train/loss' in r]
   if losses:
     out['train/loss'] = losses[-1]
+  counts = [r['train/trainable_params'] for r in rows if 'train/trainable_params' in r]
+  if counts:
+    out['train/trainable_params'] = counts[0]
   return out
 
 
@@ -97,10 +142,11 @@ def _number(value: str) -> float | None:
     return None
 
 
-def report(out: str, grid: dict[str, list[str]], metric: str) -> str:
+def report(out: str, pts: list[dict[str, str]], metric: str) -> str:
   """Writes results.md and the plots of the finished points; returns the table."""
+  grid = values_of(pts)
   finished = []
-  for point in points(grid):
+  for point in pts:
     workdir = os.path.join(out, point_name(point))
     if os.path.exists(os.path.join(workdir, MARKER)):
       with open(os.path.join(workdir, MARKER)) as f:
@@ -116,7 +162,7 @@ def report(out: str, grid: dict[str, list[str]], metric: str) -> str:
   lines = ['| ' + ' | '.join(keys + columns + ['wall (s)', 'tokens/s']) + ' |',
            '|' + ' --- |' * (len(keys) + len(columns) + 2)]
   for point, _, m, wall, tps in finished:
-    cells = [point[k] for k in keys] + [f'{m[c]:.4f}' if c in m else '-' for c in columns]
+    cells = [point.get(k, '-') for k in keys] + [_cell(m[c]) if c in m else '-' for c in columns]
     lines.append('| ' + ' | '.join(cells + [f'{wall:.0f}', f'{tps:,.0f}']) + ' |')
   table = '\n'.join(lines)
   if len(grid.get('seed', [])) > 1:
@@ -130,20 +176,25 @@ def report(out: str, grid: dict[str, list[str]], metric: str) -> str:
     order = {v: i for i, v in enumerate(grid[key])}
     series: dict[str, list[tuple[float, float]]] = {}
     for point, _, m, _, _ in finished:
-      if metric in m:
+      if metric in m and key in point:
         x = _number(point[key]) if all(_number(v) is not None for v in grid[key]) else order[point[key]]
         series.setdefault(label(point, key), []).append((x, m[metric]))
-    plot.plot_points(series, key, metric, os.path.join(out, f'{safe}_vs_{key}.png'))
+    plot.plot_points(series, key, metric, os.path.join(out, f'{safe}_vs_{key.replace(CONFIG_ARG, "")}.png'))
   plot.plot_curves({label(p, ''): rows for p, rows, _, _, _ in finished}, [metric],
                    os.path.join(out, 'curves.png'))
   return table
+
+
+def _cell(value: float) -> str:
+  """A table cell: integers (parameter counts) with thousands separators, else 4 decimals."""
+  return f'{int(value):,}' if float(value).is_integer() and abs(value) >= 1000 else f'{value:.4f}'
 
 
 def _over_seeds(finished, keys: list[str], columns: list[str]) -> str:
   """Mean +- std (over seeds) of each metric, one row per setting of `keys`."""
   groups: dict[tuple, list[dict]] = {}
   for point, _, m, _, _ in finished:
-    groups.setdefault(tuple(point[k] for k in keys), []).append(m)
+    groups.setdefault(tuple(point.get(k, '-') for k in keys), []).append(m)
   lines = ['| ' + ' | '.join(keys + columns + ['seeds']) + ' |', '|' + ' --- |' * (len(keys) + len(columns) + 1)]
   for setting, ms in groups.items():
     cells = []
@@ -157,31 +208,41 @@ def _over_seeds(finished, keys: list[str], columns: list[str]) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--config', required=True, help="config file and argument, e.g. 'configs/sft.py:size=tiny'")
+  parser.add_argument('--sweep', default='', help='a sweep file (experiments/sweeps/*.py) instead of --config/--grid')
+  parser.add_argument('--config', default='', help="config file and argument, e.g. 'configs/sft.py:size=tiny'")
   parser.add_argument('--grid', action='append', default=[], help='key=v1,v2,... (repeatable)')
   parser.add_argument('--set', action='append', default=[], help='key=value for every point (repeatable)')
-  parser.add_argument('--out', required=True, help='the sweep directory')
-  parser.add_argument('--metric', default='eval/loss', help='the metric of the table and plots')
+  parser.add_argument('--out', default='', help='the sweep directory')
+  parser.add_argument('--metric', default='', help='the metric of the table and plots (default eval/loss)')
   parser.add_argument('--list', action='store_true', help='print the unfinished points\' commands and stop')
   parser.add_argument('--report', action='store_true', help='write the table and plots of finished points')
   args = parser.parse_args()
-  grid = parse_grid(args.grid)
-  fixed = dict(s.partition('=')[::2] for s in args.set)
-  os.makedirs(args.out, exist_ok=True)
+  spec = load_sweep_file(args.sweep) if args.sweep else dict(config='', points=[{}], set={}, metric='', out='',
+                                                                 table='')
+  config = args.config or spec['config']
+  pts = points(parse_grid(args.grid)) if args.grid else spec['points']
+  fixed = {**spec['set'], **{k.removeprefix('config.'): v for k, v in (s.partition('=')[::2] for s in args.set)}}
+  out, metric = args.out or spec['out'], args.metric or spec['metric'] or 'eval/loss'
+  if not config or not out:
+    raise SystemExit('give --config and --out (or a --sweep file that names them)')
+  os.makedirs(out, exist_ok=True)
   if not args.report:
-    for point in points(grid):
-      workdir = os.path.join(args.out, point_name(point))
+    for point in pts:
+      workdir = os.path.join(out, point_name(point))
       if os.path.exists(os.path.join(workdir, MARKER)):
         continue
-      cmd = command(args.config, workdir, {**fixed, **point})
+      cmd = command(config, workdir, {**fixed, **point})
       if args.list:
         print(shlex.join(cmd))
       else:
         run_point(cmd, workdir)
     if args.list:
       return
-  table = report(args.out, grid, args.metric)
-  print(f'\n{table}\n\n{args.out}/results.md and plots written' if table else 'no finished points yet')
+  table = report(out, pts, metric)
+  if table and spec['table']:  # the published copy: the sweep file's docstring, the command, the table
+    with open(spec['table'], 'w') as f:
+      f.write(f"{spec['doc']}\n\nCommand: `python -m experiments.sweep --sweep={args.sweep}`\n\n{table}\n")
+  print(f'\n{table}\n\n{out}/results.md and plots written' if table else 'no finished points yet')
 
 
 if __name__ == '__main__':

@@ -3,7 +3,7 @@
     python -m research.export --workdir=runs/pretrain --out=exports/pretrain [--model_type=mistral]
 
 Writes config.json, model.safetensors and (when the run has one)
-tokenizer.model. LoRA adapters are merged into the weights. --model_type
+tokenizer.model, or tokenizer.json and its configs. LoRA adapters are merged into the weights. --model_type
 defaults to the model family's own (llama, qwen3); a Llama-family model may
 also be written as mistral (or qwen2, which it becomes anyway with q/k/v biases).
 """
@@ -11,8 +11,6 @@ also be written as mistral (or qwen2, which it becomes anyway with q/k/v biases)
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 
 from research.errors import UserError
@@ -28,7 +26,7 @@ def export(workdir: str, out: str, model_type: str | None = None) -> str:
   model = models.family(run.model.cfg.family).Model(run.model.cfg)
   hf.save_pretrained(out, model, params, model_type=model_type, tokenizer=run.tokenizer)
   if run.tokenizer is not None:
-    shutil.copy(run.tokenizer.path, os.path.join(out, 'tokenizer.model'))
+    hf.save_tokenizer(out, run.tokenizer)
   return out
 
 

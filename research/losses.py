@@ -55,20 +55,29 @@ def chunked_token_log_probs(logits_fn: Callable[[Any], jax.Array], features: Any
   `chunk_size` does not divide ends with one shorter chunk. With with_entropy,
   returns (log-probs, token_entropy of each position, no gradient).
   """
-  if chunk_size <= 0:
-    raise ValueError(f'chunk_size={chunk_size} must be positive')
   # prevent_cse=False: the chunks run inside a loop, which already keeps XLA from
   # merging the backward's recomputation with the forward (JAX's advice for scan).
   chunk = jax.checkpoint(functools.partial(_chunk_log_probs, logits_fn, with_entropy), prevent_cse=False)
-  B, T = targets_BT.shape
+  return map_over_length(chunk, (features, targets_BT), chunk_size)
+
+
+def map_over_length(fn: Callable[..., Any], xs: Any, chunk_size: int) -> Any:
+  """fn(*xs) computed `chunk_size` positions at a time and joined: `xs` is a tuple
+  of pytrees of [B, T, ...] arrays, `fn` maps their [B, C, ...] chunks to a pytree
+  of [B, C] arrays. The chunks run one after another (jax.lax.map), so only one
+  chunk's intermediates live at once; a length that `chunk_size` does not divide
+  ends with one shorter chunk."""
+  if chunk_size <= 0:
+    raise ValueError(f'chunk_size={chunk_size} must be positive')
+  B, T = jax.tree.leaves(xs)[0].shape[:2]
   n, C = T // chunk_size, chunk_size
   outs = []
   if n:  # whole chunks, one after another: [B, n*C, ...] -> [n, B, C, ...]
     split = lambda x: jnp.moveaxis(x[:, :n * C].reshape((B, n, C) + x.shape[2:]), 1, 0)
-    ys = jax.lax.map(lambda xs: chunk(*xs), jax.tree.map(split, (features, targets_BT)))
+    ys = jax.lax.map(lambda chunk_xs: fn(*chunk_xs), jax.tree.map(split, xs))
     outs.append(jax.tree.map(lambda y_NBC: jnp.moveaxis(y_NBC, 0, 1).reshape(B, n * C), ys))
   if T > n * C:  # the remainder
-    outs.append(chunk(*jax.tree.map(lambda x: x[:, n * C:], (features, targets_BT))))
+    outs.append(fn(*jax.tree.map(lambda x: x[:, n * C:], xs)))
   if len(outs) == 1:
     return outs[0]
   return jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *outs)

@@ -3,6 +3,7 @@ the large presets have the published models' parameter counts."""
 
 import glob
 import importlib.util
+import math
 import os
 
 import flax.linen as nn
@@ -49,8 +50,10 @@ def _expected_shapes(m):
              "['attn']['v']['kernel']": (D, K, Dh), "['attn']['o']['kernel']": (H, Dh, D),
              "['mlp']['gate']['kernel']": (D, F), "['mlp']['up']['kernel']": (D, F),
              "['mlp']['down']['kernel']": (F, D), "['attn_norm']['scale']": (D,), "['mlp_norm']['scale']": (D,)}
-    if m.family == 'qwen3':  # per-head RMSNorm of queries and keys
+    if m.family == 'qwen3' or m.get('version') == 3:  # per-head RMSNorm of queries and keys (Qwen3, Gemma 3)
       layer.update({"['attn']['q_norm']['scale']": (Dh,), "['attn']['k_norm']['scale']": (Dh,)})
+    if m.family == 'gemma':  # norms after attention and after the MLP too
+      layer.update({"['post_attn_norm']['scale']": (D,), "['post_mlp_norm']['scale']": (D,)})
     if m.scan_layers:  # stacked under nn.scan: one leading layers axis
       out.update({f"['layers']{k}": (m.n_layers,) + v for k, v in layer.items()} if i == 0 else {})
     else:
@@ -67,18 +70,22 @@ def test_config_file_builds_the_preset_shapes(path):
 
 
 @pytest.mark.parametrize('size,family', [('test', 'llama'), ('tiny', 'llama'), ('small', 'llama'), ('1b', 'llama'),
-                                         ('7b', 'llama'), ('8b', 'llama'), ('tiny', 'qwen3'), ('8b', 'qwen3')])
+                                         ('7b', 'llama'), ('8b', 'llama'), ('tiny', 'qwen3'), ('8b', 'qwen3'),
+                                         ('gemma2-2b', 'llama'), ('gemma3-4b', 'llama')])
 def test_every_preset_builds_its_shapes(size, family):
   from configs import pretrain
   m = pretrain.get_config(f'size={size},family={family}').model
   assert _shapes(m) == _expected_shapes(m)
 
 
-@pytest.mark.parametrize('size,count', [('7b', 6_738_415_616), ('8b', 8_030_261_248)])
+@pytest.mark.parametrize('size,count', [('7b', 6_738_415_616), ('8b', 8_030_261_248), ('gemma2-2b', 2_614_341_888),
+                                        ('gemma2-9b', 9_241_705_984), ('gemma3-1b', 999_885_952),
+                                        ('gemma3-4b', 3_880_263_168)])
 def test_large_preset_parameter_counts(size, count):
-  """Llama-2-7B and Llama-3-8B, as their model cards count them."""
+  """Llama-2-7B, Llama-3-8B, Gemma 2 2B / 9B and Gemma 3 1B / 4B (its text decoder),
+  as their model cards and transformers count them."""
   from configs import pretrain
-  assert sum(int(jnp.prod(jnp.asarray(s))) for s in _shapes(pretrain.get_config(f'size={size}').model).values()) == count
+  assert sum(math.prod(s) for s in _shapes(pretrain.get_config(f"size={size}").model).values()) == count  # python ints: no int32 overflow
 
 
 def test_config_arguments_are_checked():

@@ -32,6 +32,21 @@ def test_8b_dry_run_with_fsdp8(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize('size,count', [('gemma2-2b', 2_614_341_888), ('gemma3-4b', 3_880_263_168)])
+def test_gemma_presets_plan_on_fsdp8(size, count, tmp_path):
+  """The Gemma presets (scanned sliding/global layers, soft-capping, GeGLU, q/k norms)
+  compile for 8 devices and count the published parameters."""
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  r = subprocess.run([sys.executable, '-m', 'research.main', f'--config=configs/pretrain.py:size={size}',
+                      f'--workdir={tmp_path / "plan"}', '--config.dry_run=True', '--config.mesh.data=1',
+                      '--config.mesh.fsdp=8', '--config.batch_size=8'],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  report = json.loads(r.stdout.strip().splitlines()[-1])
+  assert report['params'] == count and report['logits_held_bytes_per_device'] < report['logits_bytes_per_device']
+
+
 def _n_params(m, stage):
   per_layer = m.d_model * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads) + 3 * m.d_model * m.d_ff + 2 * m.d_model
   head = m.d_model * (1 if stage == 'reward' else m.vocab_size)  # score [D, 1] or lm_head [D, V]

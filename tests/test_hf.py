@@ -37,12 +37,35 @@ def _families():
                                              tie_word_embeddings=True),
       'qwen3_mha_headdim': transformers.Qwen3Config(**common, num_key_value_heads=4, head_dim=32,
                                                     tie_word_embeddings=False, rope_theta=50000.0),
+      # Gemma 2: windows shorter than the test sequences (40 tokens; 25 when decoding),
+      # soft-capping on (and tight enough to bite), query scaling apart from head_dim.
+      'gemma2_gqa': transformers.Gemma2Config(**common, num_key_value_heads=2, head_dim=16,
+                                              query_pre_attn_scalar=16, sliding_window=8),
+      'gemma2_tight_caps': transformers.Gemma2Config(
+          **{**common, 'num_hidden_layers': 3}, num_key_value_heads=4, head_dim=24, query_pre_attn_scalar=32,
+          sliding_window=12, attn_logit_softcapping=3.0, final_logit_softcapping=2.0),
+      'gemma2_no_caps': transformers.Gemma2Config(**common, num_key_value_heads=2, head_dim=32,
+                                                  query_pre_attn_scalar=20, sliding_window=5,
+                                                  attn_logit_softcapping=None, final_logit_softcapping=None),
+      # Gemma 3: q/k norms, local and global RoPE bases, linear scaling on global layers.
+      'gemma3_alternate': transformers.Gemma3TextConfig(
+          **{**common, 'num_hidden_layers': 3}, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+          sliding_window=8, layer_types=['sliding_attention', 'full_attention', 'sliding_attention']),
+      'gemma3_linear_rope': transformers.Gemma3TextConfig(
+          **{**common, 'num_hidden_layers': 6}, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+          sliding_window=6, rope_parameters={
+              'full_attention': {'rope_type': 'linear', 'factor': 8.0, 'rope_theta': 1e6},
+              'sliding_attention': {'rope_type': 'default', 'rope_theta': 1e4}}),
+      'gemma3_mha': transformers.Gemma3TextConfig(
+          **common, num_key_value_heads=4, head_dim=32, query_pre_attn_scalar=32, sliding_window=10,
+          layer_types=['sliding_attention', 'full_attention']),
   }
 
 
 def _random_hf_model(config, seed=0):
   torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+  model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32,
+                                                        attn_implementation='eager').eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if 'norm' in name:
@@ -134,12 +157,18 @@ def test_unsupported_fields_raise(tmp_path):
   with pytest.raises(UserError, match='sliding'):
     hf.model_config_from_hf(transformers.Qwen3Config(use_sliding_window=True, sliding_window=64,
                                                      max_window_layers=1, num_hidden_layers=2).to_dict())
+  with pytest.raises(UserError, match='one global layer every N'):
+    hf.model_config_from_hf(transformers.Gemma3TextConfig(
+        num_hidden_layers=3, layer_types=['full_attention', 'sliding_attention', 'sliding_attention']).to_dict())
+  with pytest.raises(UserError, match='bidirectional'):
+    hf.model_config_from_hf(transformers.Gemma3TextConfig(use_bidirectional_attention=True).to_dict())
   (tmp_path / 'tokenizer.json').write_text('{}')
   with pytest.raises(UserError, match='tokenizer.json'):
     hf.load_tokenizer(str(tmp_path))
 
 
-@pytest.mark.parametrize('name,family', [('llama3_gqa_scaled', 'llama'), ('qwen3_gqa_headdim', 'qwen3')])
+@pytest.mark.parametrize('name,family', [('llama3_gqa_scaled', 'llama'), ('qwen3_gqa_headdim', 'qwen3'),
+                                         ('gemma2_tight_caps', 'gemma'), ('gemma3_linear_rope', 'gemma')])
 def test_init_from_hf_starts_from_those_weights(name, family, tmp_path, test_config, tok):
   """Step-0 eval loss of a run with init_from=hf:<dir> equals the HF model's loss;
   the run takes the checkpoint's family and architecture."""

@@ -94,7 +94,7 @@ def test_seed_axis_gives_mean_and_spread(tmp_path):
     d.mkdir()
     (d / 'metrics.jsonl').write_text(f'{{"step": 1, "eval/loss": {loss}}}\n')
     (d / sweep.MARKER).write_text('{"wall_s": 1.0}')
-  table = sweep.report(str(tmp_path), grid, 'eval/loss')
+  table = sweep.report(str(tmp_path), sweep.points(grid), 'eval/loss')
   mean, std = np.mean(losses), np.std(losses, ddof=1)
   assert f'| 0.1 | {mean:.4f} +- {std:.4f} | 3 |' in table
 
@@ -117,6 +117,7 @@ def test_pipeline_leaves_a_summary_picture_of_every_stage(tmp_path, monkeypatch,
           'rollout/kl/sequence')
   rows = [dict({k: 0.5 + 0.1 * step for k in keys}, step=step) for step in (0, 10, 20)]
   monkeypatch.setattr(pipeline, 'run_stage', lambda *a, **kw: rows)
+  monkeypatch.setattr(pipeline, 'evaluate_run', lambda *a: {'heldout': {'exact_match': 0.7}})
   monkeypatch.setattr(sys, 'argv', ['pipeline', f'--runs={tmp_path}'])
   drawn = []
   real = plot.plot_stages
@@ -124,4 +125,6 @@ def test_pipeline_leaves_a_summary_picture_of_every_stage(tmp_path, monkeypatch,
   pipeline.main()
   assert drawn == [6]
   assert _png_ok(str(tmp_path / 'summary.png'))
-  assert 'ppo: held-out reward-model score' in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert 'ppo: held-out reward-model score' in printed
+  assert 'research.evaluate on its checkpoint: 70.0% (DIFFERS' in printed  # the stand-in stage logged 2.5

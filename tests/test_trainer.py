@@ -122,3 +122,43 @@ def test_stage_hooks_run_after_their_steps_and_see_the_state(test_config, tmp_pa
   assert all(step == state_step for step, state_step, _ in seen)
   # Built-in hooks ran first at the last step: its eval metrics are already logged.
   assert 'eval/loss' in seen[-1][2] and 'train/loss' in seen[-1][2]
+
+
+class _RecordingWandb:
+  """A stand-in for the wandb module: records init's arguments and logged rows."""
+
+  def __init__(self):
+    self.inits, self.rows, self.finished = [], [], 0
+
+  def init(self, **kwargs):
+    self.inits.append(kwargs)
+    return self
+
+  def log(self, row, step):
+    self.rows.append({'step': step, **row})
+
+  def finish(self):
+    self.finished += 1
+
+
+def test_wandb_logs_every_metrics_row_and_resumes_the_same_run(test_config, tmp_path, monkeypatch):
+  import sys
+  fake = _RecordingWandb()
+  monkeypatch.setitem(sys.modules, 'wandb', fake)
+  kw = dict(eval_every=2, checkpoint_every=2, log_every=1, logging__wandb_project='proj',
+            logging__wandb_mode='offline')
+  train(test_config(steps=2, **kw), tmp_path)
+  assert fake.rows == read_metrics(tmp_path) and fake.finished == 1
+  (first,) = fake.inits
+  run_id = (tmp_path / 'wandb_id.txt').read_text()
+  assert (first['project'], first['mode'], first['id'], first['resume'], first['dir']) == (
+      'proj', 'offline', run_id, 'allow', str(tmp_path))
+  assert first['config']['steps'] == 2
+  # The real wandb, offline (no network), resuming: the same wandb run, new rows.
+  monkeypatch.delitem(sys.modules, 'wandb')
+  pytest.importorskip('wandb')  # the 'test' extra installs it
+  monkeypatch.setenv('WANDB_SILENT', 'true')
+  train(test_config(steps=4, **kw), tmp_path)
+  assert (tmp_path / 'wandb_id.txt').read_text() == run_id
+  (record,) = (tmp_path / 'wandb').glob(f'offline-run-*-{run_id}/run-{run_id}.wandb')
+  assert b'train/loss' in record.read_bytes() and b'eval/loss' in record.read_bytes()

@@ -163,7 +163,7 @@ def render_scored(messages: list[dict], tokenizer: Tokenizer, seq_len: int) -> d
   """One conversation for a reward model -> inputs, segment_ids, positions [seq_len]
   and score_index (the reply's last token, where the reward is read).
 
-  The reply's closing <|end|> is not fed: the hidden state of the last reply
+  The reply's closing <|end|> (its stop token) is not fed: the hidden state of the last reply
   token is the one SFT trained to predict whether the reply ends there, so it
   already carries a judgement of the whole reply, while <|end|>'s own state was
   never trained (SFT has no target after it); experiments/results/preference.md
@@ -171,10 +171,9 @@ def render_scored(messages: list[dict], tokenizer: Tokenizer, seq_len: int) -> d
   token is left.
   """
   ids, weights = chat.render(messages, tokenizer, mask='completion')
-  if len(ids) and ids[-1] == tokenizer.special_id('<|end|>'):
-    ids, weights = ids[:-1], weights[:-1]
-  ids, weights = ids[:seq_len], weights[:seq_len]
-  scored = np.flatnonzero(np.asarray(weights) > 0)
+  reply = np.flatnonzero((weights > 0) & ~np.isin(ids, chat.stop_tokens(tokenizer)))  # without its stop token
+  ids = ids[:reply[-1] + 1][:seq_len] if len(reply) else ids[:0]
+  scored = reply[reply < len(ids)]
   if not len(scored):
     return None
   n, T = len(ids), seq_len

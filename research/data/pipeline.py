@@ -22,6 +22,7 @@ import grain
 import numpy as np
 
 from research.data import registry, sources
+from research.data import tokenizer as tokenizer_lib
 from research.data.tokenizer import Tokenizer, train_tokenizer
 from research.errors import UserError
 
@@ -62,7 +63,7 @@ def to_iter(ds: grain.MapDataset) -> grain.IterDataset:
 def get_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
   """Loads data.tokenizer, or trains (once, cached) one on the training split."""
   if data_cfg.tokenizer:
-    return Tokenizer.load(data_cfg.tokenizer)
+    return tokenizer_lib.load_tokenizer(data_cfg.tokenizer)
   import jax  # pylint: disable=import-outside-toplevel
   path = default_tokenizer_path(data_cfg, vocab_size)
   # Every process opens the data (preparing it has its own barrier); a mixture

@@ -11,8 +11,9 @@ one tensor at a time; given a mesh and logical rules, each tensor is placed
 sharded by `jax.make_array_from_callback`, so no host holds the whole model.
 
 Tokenizers: a SentencePiece `tokenizer.model` (Llama 2, Mistral) loads with
-`research.data.tokenizer.Tokenizer`. Checkpoints that ship only `tokenizer.json`
-(Llama 3, Qwen2, Qwen3) are not supported yet: `load_tokenizer` says so.
+`research.data.tokenizer.Tokenizer`; a `tokenizer.json` (Llama 3, Qwen2, Qwen3)
+with `HFTokenizer` (the `tokenizers` library), which also carries the
+checkpoint's chat template.
 """
 
 from __future__ import annotations
@@ -166,13 +167,24 @@ def save_pretrained(path: str, model, params, model_type: str | None = None, tok
 
 
 def load_tokenizer(path: str):
-  """The checkpoint's SentencePiece tokenizer, or a clear error if it has none."""
-  from research.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
-  sp = os.path.join(path, 'tokenizer.model')
-  if os.path.exists(sp):
-    return Tokenizer.load(sp)
+  """The checkpoint's tokenizer: tokenizer.model (SentencePiece) if it ships one,
+  else tokenizer.json with its tokenizer_config.json and generation_config.json;
+  a clear error if it has neither."""
+  from research.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  if os.path.exists(os.path.join(path, tokenizer_lib.SP_FILE)):
+    return tokenizer_lib.Tokenizer.load(os.path.join(path, tokenizer_lib.SP_FILE))
   if os.path.exists(os.path.join(path, 'tokenizer.json')):
-    raise UserError(f'{path} ships only tokenizer.json (a HF "fast" BPE tokenizer, as in Llama 3 '
-                    'and Qwen2), which this project does not read; convert it to a SentencePiece '
-                    'model or set --config.data.tokenizer to a compatible .model file.')
-  raise UserError(f'{path} has no tokenizer.model; set --config.data.tokenizer.')
+    return tokenizer_lib.HFTokenizer.load(path)
+  raise UserError(f'{path} has no tokenizer.model or tokenizer.json; set --config.data.tokenizer.')
+
+
+def save_tokenizer(path: str, tokenizer) -> None:
+  """Writes `tokenizer`'s files into the HF directory `path` (tokenizer.model, or
+  tokenizer.json and its config files as the checkpoint shipped them)."""
+  from research.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  if isinstance(tokenizer, tokenizer_lib.HFTokenizer):
+    for name, data in tokenizer.files.items():
+      with open(os.path.join(path, name), 'wb') as f:
+        f.write(data)
+  else:
+    tokenizer.save(os.path.join(path, tokenizer_lib.SP_FILE))

@@ -26,12 +26,13 @@ import jax.numpy as jnp
 
 from research import losses
 from research.errors import UserError
-from research.models import llama, qwen3
+from research.models import gemma, llama, qwen3
 from research.models.layers import LoraConfig, count_params
 
 FAMILIES: dict[str, ModuleType] = {
     'llama': llama,  # Llama 2/3/3.1, Mistral, Qwen2
     'qwen3': qwen3,
+    'gemma': gemma,  # Gemma 2, Gemma 3 (text)
 }
 # Top-level modules a head adds that a language model lacks (head='score', value_head):
 # loading a language model's weights leaves them at their init, and LoRA trains them in full.

@@ -105,19 +105,32 @@ def attention_mask(q_slots_BT: Array, q_seg_BT: Array, kv_slots_BS: Array, kv_se
 
 
 class RMSNorm(nn.Module):
-  """RMSNorm computed in float32, output in the compute dtype."""
+  """RMSNorm computed in float32, output in the compute dtype. With offset=1
+  (Gemma) the weight multiplies as (1 + scale) and starts at 0."""
 
   eps: float
   dtype: Any
   param_dtype: Any
+  offset: float = 0.0
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
-                       (x.shape[-1],), self.param_dtype)
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    scale = self.param('scale', nn.with_logical_partitioning(init, ('norm',)), (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+    return (y * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
+
+
+def softcap(x: Array, cap: float) -> Array:
+  """cap * tanh(x / cap) (Gemma 2's attention and final logit soft-capping); x if cap is 0."""
+  return cap * jnp.tanh(x / cap) if cap else x
+
+
+def window_mask(q_slots_BT: Array, kv_slots_BS: Array, window: int) -> Array:
+  """Boolean [B, 1, T, S]: the key is one of the `window` latest slots up to the
+  query's (sliding-window attention, as transformers counts it)."""
+  return ((q_slots_BT[:, :, None] - kv_slots_BS[:, None, :]) < window)[:, None, :, :]
 
 
 class Linear(nn.Module):
@@ -228,6 +241,7 @@ class Unembedding:
   transposed: bool = struct.field(pytree_node=False, default=False)
   dtype: Any = struct.field(pytree_node=False, default=jnp.float32)
   f32_output: bool = struct.field(pytree_node=False, default=True)
+  final_softcap: float = struct.field(pytree_node=False, default=0.0)  # Gemma 2's, on the logits
 
   def logits(self, features: dict) -> Array:
     """Logits [B, C, V] of a chunk of `features` ([B, C, ...] each), float32 when
@@ -244,7 +258,7 @@ class Unembedding:
     if self.lora_b_RV is not None:
       h, b = features['lora'], self.lora_b_RV.astype(self.dtype)
       y_BCV = y_BCV + self.lora_scale * jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())))
-    return nn.with_logical_constraint(y_BCV, ('batch', 'length', 'vocab'))
+    return nn.with_logical_constraint(softcap(y_BCV, self.final_softcap), ('batch', 'length', 'vocab'))
 
 
 @jax.custom_vjp
@@ -270,8 +284,9 @@ def _softmax_bwd(p, g):
 softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
-def einsum_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, dtype):
-  """Grouped-query attention with explicit matmuls; softmax in float32."""
+def einsum_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, dtype, logit_softcap: float = 0.0):
+  """Grouped-query attention with explicit matmuls; softmax in float32; scores
+  soft-capped (Gemma 2) when logit_softcap > 0."""
   B, T, H, Dh = q_BTHD.shape
   K = k_BSKD.shape[2]
   # Scores in the matmul's natural output order (batch dims b k, then q's free
@@ -283,7 +298,7 @@ def einsum_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, dtype):
     q, q_dims, s_dims, mask = q_BTHD.reshape(B, T, K, H // K, Dh), 'btkgd', 'bktgs', mask_B1TS[:, :, :, None]
   logits = jnp.einsum(f'{q_dims},bskd->{s_dims}', q, k_BSKD,
                       preferred_element_type=jnp.float32) / math.sqrt(Dh)
-  logits = jnp.where(mask, logits, MASK_VALUE)
+  logits = jnp.where(mask, softcap(logits, logit_softcap), MASK_VALUE)
   probs = softmax(logits).astype(dtype)
   out = jnp.einsum(f'{s_dims},bskd->{q_dims}', probs, v_BSKD)
   return out.reshape(B, T, H, Dh)
@@ -312,7 +327,8 @@ def resolve_attention_impl(impl: str, q_BTHD, causal: bool, backend: str | None 
   return 'einsum'
 
 
-def attend(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, impl: str, dtype, causal: bool = False):
+def attend(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, impl: str, dtype, causal: bool = False,
+           logit_softcap: float = 0.0):
   """Attention output [B, T, H, Dh] with the configured implementation:
   einsum (explicit matmuls, float32 softmax), blockwise (blockwise.py: the same
   numbers without [T, T] scores) or jax.nn.dot_product_attention's xla / cudnn
@@ -321,12 +337,14 @@ def attend(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, impl: str, dtype, causal: bool = F
   `causal`: query i and key i are the same slot (no KV cache), so everything above
   the diagonal is masked anyway; cuDNN then skips those blocks. `mask_B1TS` (the
   segments, padding and the causal mask itself) is applied in every case.
+  Soft-capped scores (logit_softcap > 0, Gemma 2) take the einsum path, the only
+  one that caps them.
   """
-  impl = resolve_attention_impl(impl, q_BTHD, causal)
+  impl = 'einsum' if logit_softcap else resolve_attention_impl(impl, q_BTHD, causal)
   if impl == 'blockwise' and (q_BTHD.shape[1] % BLOCKWISE_BLOCK or k_BSKD.shape[1] % BLOCKWISE_BLOCK):
     impl = 'einsum'  # a short prompt or one decoded token: no tiles to skip
   if impl == 'einsum':
-    return einsum_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, dtype)
+    return einsum_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, dtype, logit_softcap)
   if impl == 'blockwise':
     return blockwise.blockwise_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, block=BLOCKWISE_BLOCK, causal=causal)
   return jax.nn.dot_product_attention(
@@ -336,7 +354,10 @@ def attend(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, impl: str, dtype, causal: bool = F
 
 class Attention(nn.Module):
   """Grouped-query attention with RoPE, optional q/k/v biases (Qwen2), optional
-  per-head RMSNorm of q and k before RoPE (Qwen3), and an optional KV cache."""
+  per-head RMSNorm of q and k before RoPE (Qwen3; Gemma 3 with norm_offset=1),
+  and an optional KV cache. Gemma: `query_scale` replaces 1/sqrt(head_dim) and
+  `logit_softcap` caps the scores; a call may pass the RoPE frequencies (layers
+  of one model that use different bases)."""
 
   n_heads: int
   n_kv_heads: int
@@ -351,23 +372,28 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
   init_std: float = 0.02
   lora: LoraConfig | None = None
+  norm_offset: float = 0.0
+  query_scale: float = 0.0  # 0: 1 / sqrt(head_dim)
+  logit_softcap: float = 0.0
 
   def _dense(self, features, axes, name, n_in=1, use_bias=False):
     return Linear(features, axes, n_in=n_in, use_bias=use_bias, dtype=self.dtype,
                   param_dtype=self.param_dtype, init_std=self.init_std, lora=self.lora, name=name)
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_B1TS, cache=None, cache_index=None):
+  def __call__(self, x_BTD, positions_BT, mask_B1TS, cache=None, cache_index=None, inv_freq=None):
     H, K, Dh = self.n_heads, self.n_kv_heads, self.head_dim
     q_BTHD = self._dense((H, Dh), ('embed', 'heads', 'head_dim'), 'q', use_bias=self.qkv_bias)(x_BTD)
     k_BTKD = self._dense((K, Dh), ('embed', 'kv_heads', 'head_dim'), 'k', use_bias=self.qkv_bias)(x_BTD)
     v_BTKD = self._dense((K, Dh), ('embed', 'kv_heads', 'head_dim'), 'v', use_bias=self.qkv_bias)(x_BTD)
     if self.qk_norm:
-      q_BTHD = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, name='q_norm')(q_BTHD)
-      k_BTKD = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, name='k_norm')(k_BTKD)
-    inv_freq = rope_inv_freq(Dh, self.rope)
+      q_BTHD = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, self.norm_offset, name='q_norm')(q_BTHD)
+      k_BTKD = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, self.norm_offset, name='k_norm')(k_BTKD)
+    inv_freq = rope_inv_freq(Dh, self.rope) if inv_freq is None else inv_freq
     q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq)
     k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq)
+    if self.query_scale:  # attend divides by sqrt(Dh): scale q so that the product is query_scale
+      q_BTHD = (q_BTHD * (self.query_scale * math.sqrt(Dh))).astype(q_BTHD.dtype)
     q_BTHD = nn.with_logical_constraint(q_BTHD, ('batch', 'length', 'heads', 'head_dim'))
 
     new_cache = None
@@ -378,7 +404,8 @@ class Attention(nn.Module):
       new_cache = {'k': k_BSKD, 'v': v_BSKD}
       k_BTKD, v_BTKD = k_BSKD.astype(self.dtype), v_BSKD.astype(self.dtype)
 
-    out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, mask_B1TS, self.impl, self.dtype, causal=cache is None)
+    out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, mask_B1TS, self.impl, self.dtype, causal=cache is None,
+                      logit_softcap=self.logit_softcap)
     out_BTHD = nn.with_logical_constraint(out_BTHD, ('batch', 'length', 'heads', 'head_dim'))
     out_BTD = self._dense((self.d_model,), ('heads', 'head_dim', 'embed'), 'o', n_in=2)(out_BTHD)
     return out_BTD, new_cache
@@ -406,7 +433,8 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class SwiGLU(nn.Module):
-  """Gated feed-forward: down(silu(gate(x)) * up(x))."""
+  """Gated feed-forward: down(silu(gate(x)) * up(x)); with activation='gelu_tanh'
+  GeGLU (Gemma): down(gelu(gate(x), tanh approximation) * up(x))."""
 
   d_model: int
   d_ff: int
@@ -414,6 +442,7 @@ class SwiGLU(nn.Module):
   param_dtype: Any = jnp.float32
   init_std: float = 0.02
   lora: LoraConfig | None = None
+  activation: str = 'silu'
 
   def _dense(self, features, axes, name):
     return Linear((features,), axes, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -423,7 +452,9 @@ class SwiGLU(nn.Module):
   def __call__(self, x_BTD):
     gate_BTF = self._dense(self.d_ff, ('embed', 'mlp'), 'gate')(x_BTD)
     up_BTF = self._dense(self.d_ff, ('embed', 'mlp'), 'up')(x_BTD)
-    h_BTF = nn.with_logical_constraint(swiglu(gate_BTF, up_BTF), ('batch', 'length', 'mlp'))
+    gated = (swiglu(gate_BTF, up_BTF) if self.activation == 'silu'
+             else jax.nn.gelu(gate_BTF, approximate=True) * up_BTF)
+    h_BTF = nn.with_logical_constraint(gated, ('batch', 'length', 'mlp'))
     return self._dense(self.d_model, ('mlp', 'embed'), 'down')(h_BTF)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from research.errors import UserError
 from research.models.layers import (ATTENTION_IMPLS, REMAT_POLICIES, Attention, Linear, LoraConfig, RMSNorm,
-                                    Rope, SwiGLU, Unembedding, attention_mask, remat_block)
+                                    Rope, SwiGLU, Unembedding, attention_mask, remat_block, softcap, window_mask)
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -43,6 +43,9 @@ class Config:
   family: ClassVar[str] = 'llama'
   hf_model_types: ClassVar[tuple[str, ...]] = ('llama', 'mistral', 'qwen2')
   qk_norm: ClassVar[bool] = False  # per-head RMSNorm of q and k: a trait of Qwen3, not a Llama field
+  # Traits Gemma changes (research/models/gemma.py); Llama has none of them.
+  norm_offset: ClassVar[float] = 0.0  # RMSNorm weights multiply as (offset + w)
+  final_softcap: ClassVar[float] = 0.0  # logits -> cap * tanh(logits / cap)
 
   vocab_size: int = 32000
   d_model: int = 4096
@@ -96,6 +99,14 @@ class Config:
       raise UserError(f'config.model: unknown fields {unknown} for family {cls.family!r}; '
                       f'known: {sorted(known)}')
     return cls(**d)
+
+  def embed_scale(self) -> float:
+    """Multiplier of the token embeddings (Gemma: sqrt(d_model))."""
+    return 1.0
+
+  def layer_windows(self) -> tuple[int, ...]:
+    """Each layer's sliding attention window (0: every earlier position)."""
+    return (0,) * self.n_layers
 
   @property
   def rope(self) -> Rope:
@@ -221,14 +232,16 @@ def _common_hf_config(cfg: Config, model_type: str, arch: str) -> dict:
 
 
 class Block(nn.Module):
-  """Pre-norm decoder block. Signature fits nn.scan: (x, xs) -> (x, ys)."""
+  """Pre-norm decoder block. Signature fits nn.scan: (x, cache, sliding) per layer,
+  then what every layer shares: positions, (full mask, window mask), cache index."""
 
   cfg: Config
   lora: LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, x_BTD, cache, positions_BT, mask_B1TS, cache_index):
-    cfg = self.cfg
+  def __call__(self, x_BTD, cache, sliding, positions_BT, masks, cache_index):
+    del sliding  # every Llama layer attends to all earlier positions
+    cfg, mask_B1TS = self.cfg, masks[0]
     h = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name='attn_norm')(x_BTD)
     h, new_cache = Attention(
         cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model, cfg.rope, qkv_bias=cfg.qkv_bias,
@@ -244,10 +257,12 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
-  """Decoder-only transformer returning float32 logits [B, T, V] (or scores [B, T, 1])."""
+  """Decoder-only transformer returning float32 logits [B, T, V] (or scores [B, T, 1]).
+  A family with another block subclasses it and sets `block`."""
 
   cfg: Config
   lora: LoraConfig | None = None
+  block: ClassVar[type] = Block
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, unembedding=False):
@@ -277,7 +292,7 @@ class Model(nn.Module):
       segment_ids_BT = jnp.ones((B, T), jnp.int32)
 
     if cache is None:
-      mask_B1TS = attention_mask(slots_BT, segment_ids_BT, slots_BT, segment_ids_BT)
+      kv_slots_BS, mask_B1TS = slots_BT, attention_mask(slots_BT, segment_ids_BT, slots_BT, segment_ids_BT)
       layer_caches = None
     else:
       kv_seg_BS = jax.lax.dynamic_update_slice_in_dim(cache['segment_ids'], segment_ids_BT.astype(jnp.int32), start, axis=1)
@@ -285,32 +300,40 @@ class Model(nn.Module):
       kv_slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
       mask_B1TS = attention_mask(slots_BT, segment_ids_BT, kv_slots_BS, kv_seg_BS)
       layer_caches = cache['layers']
+    # Sliding-window layers (Gemma) see the full mask cut to the window; the KV
+    # cache keeps every position, so decoding is exact (not smaller).
+    windows = cfg.layer_windows()
+    window = max(windows)
+    masks = (mask_B1TS, mask_B1TS & window_mask(slots_BT, kv_slots_BS, window) if window else mask_B1TS)
+    sliding_L = np.asarray([w > 0 for w in windows])
 
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                  ('vocab', 'embed')),
                      name='embed')
     x_BTD = embed(tokens_BT)
+    if cfg.embed_scale() != 1.0:  # in the compute dtype, as transformers rounds it
+      x_BTD = x_BTD * jnp.asarray(cfg.embed_scale(), x_BTD.dtype)
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
 
-    block_cls = remat_block(Block, cfg.remat, cfg.scan_layers)
+    block_cls = remat_block(self.block, cfg.remat, cfg.scan_layers)
     if cfg.scan_layers:
       stack = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                      in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BTD, new_layer_caches = stack(cfg, self.lora, name='layers')(x_BTD, layer_caches, positions_BT,
-                                                                     mask_B1TS, start)
+      x_BTD, new_layer_caches = stack(cfg, self.lora, name='layers')(x_BTD, layer_caches, jnp.asarray(sliding_L),
+                                                                     positions_BT, masks, start)
     else:
       new_layer_caches = []
       for i in range(cfg.n_layers):
         layer_cache = None if layer_caches is None else jax.tree.map(lambda c: c[i], layer_caches)
-        x_BTD, c = block_cls(cfg, self.lora, name=f'layers_{i}')(x_BTD, layer_cache, positions_BT,
-                                                                  mask_B1TS, start)
+        x_BTD, c = block_cls(cfg, self.lora, name=f'layers_{i}')(x_BTD, layer_cache, bool(sliding_L[i]),
+                                                                  positions_BT, masks, start)
         new_layer_caches.append(c)
       if cache is not None:
         new_layer_caches = jax.tree.map(lambda *cs: jnp.stack(cs), *new_layer_caches)
 
-    x_BTD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name='final_norm')(x_BTD)
+    x_BTD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, cfg.norm_offset, name='final_norm')(x_BTD)
     # Logits accumulate in float32 even with bfloat16 compute: the loss needs them exact.
     head = lambda features, axes, name: Linear((features,), axes, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                                init_std=cfg.init_std, lora=self.lora, f32_output=True,
@@ -320,6 +343,7 @@ class Model(nn.Module):
         raise ValueError(f"unembedding=True needs head='lm', not {cfg.head!r}")
       out = (Unembedding({'hidden': x_BTD}, embed.embedding, transposed=True, dtype=cfg.dtype)
              if cfg.tie_embeddings else head(cfg.vocab_size, ('embed', 'vocab'), 'lm_head')(x_BTD, defer=True))
+      out = out.replace(final_softcap=cfg.final_softcap)
     elif cfg.head == 'score':
       out = head(1, ('embed', None), 'score')(x_BTD)
     elif cfg.tie_embeddings:
@@ -332,7 +356,9 @@ class Model(nn.Module):
       self.sow('intermediates', 'values', nn.with_logical_constraint(values_BT, ('batch', 'length')))
     if not unembedding:  # logits_BTV (or scores_BT1)
       out_axis = None if cfg.head == 'score' else 'vocab'
-      out = nn.with_logical_constraint(out.astype(jnp.float32), ('batch', 'length', out_axis))
+      out = out.astype(jnp.float32)
+      out = out if cfg.head == 'score' else softcap(out, cfg.final_softcap)
+      out = nn.with_logical_constraint(out, ('batch', 'length', out_axis))
 
     new_cache = None
     if cache is not None:

@@ -24,7 +24,7 @@ import ml_collections
 
 from research import lora, models
 from research.data import pipeline
-from research.data.tokenizer import Tokenizer
+from research.data import tokenizer as tokenizer_lib
 from research.errors import UserError
 from research.training import checkpoint as ckpt_lib
 from research.training import sharding
@@ -55,10 +55,7 @@ def resolve_config(config):
   return resolved
 
 
-TOKENIZER_FILE = 'tokenizer.model'
-
-
-def load_tokenizer(config, workdir: str, resuming: bool) -> Tokenizer:
+def load_tokenizer(config, workdir: str, resuming: bool):
   """The run's tokenizer: its own copy when resuming, else init_from's, or the
   configured one (trained on the corpus when none is given).
 
@@ -66,19 +63,19 @@ def load_tokenizer(config, workdir: str, resuming: bool) -> Tokenizer:
   is ignored: only a resumed run reads its own. When resuming, the copy must
   still equal init_from's, or the vocabulary would mean something else.
   """
-  own = os.path.join(workdir, TOKENIZER_FILE)
-  origin = (os.path.join(config.init_from, TOKENIZER_FILE)
+  own = tokenizer_lib.saved_tokenizer(workdir)
+  origin = (tokenizer_lib.saved_tokenizer(config.init_from)
             if config.init_from and not config.init_from.startswith(HF_PREFIX) else '')
-  if resuming and os.path.exists(own):
-    tok = Tokenizer.load(own)
-    if origin and os.path.exists(origin) and Tokenizer.load(origin).model_proto != tok.model_proto:
+  if resuming and own:
+    tok = tokenizer_lib.load_tokenizer(own)
+    if origin and tokenizer_lib.load_tokenizer(origin).identity != tok.identity:
       raise UserError(f'{own} differs from init_from\'s {origin}: that run changed after this one started. '
                       'Resume needs the same tokenizer; use a new workdir to start from the changed run.')
   elif config.init_from.startswith(HF_PREFIX) and not config.data.tokenizer:
     from research.interop import hf  # pylint: disable=import-outside-toplevel
     tok = hf.load_tokenizer(config.init_from[len(HF_PREFIX):])
-  elif origin and os.path.exists(origin):
-    tok = Tokenizer.load(origin)
+  elif origin:
+    tok = tokenizer_lib.load_tokenizer(origin)
   else:
     tok = pipeline.get_tokenizer(config.data, config.model.vocab_size)
   if tok.vocab_size > config.model.vocab_size:
@@ -88,16 +85,11 @@ def load_tokenizer(config, workdir: str, resuming: bool) -> Tokenizer:
   return tok
 
 
-def save_tokenizer(tok: Tokenizer, workdir: str) -> None:
+def save_tokenizer(tok, workdir: str) -> None:
   """Writes the run's copy of its tokenizer atomically (process 0), once the run
   has set up, so that a failed start leaves none behind."""
   if jax.process_index() == 0:
-    own = os.path.join(workdir, TOKENIZER_FILE)
-    try:
-      tok.save(own + '.tmp')
-      os.replace(own + '.tmp', own)
-    except OSError as e:  # name the file (a full disk fails at close, naming none)
-      raise OSError(e.errno, e.strerror, own) from None
+    tok.save_to(workdir)
 
 
 def _overlay(tree, base):
@@ -226,7 +218,7 @@ class LoadedRun:
   config: Any
   model: Any
   params: Any  # the full tree (LoRA base and adapters combined)
-  tokenizer: Tokenizer | None
+  tokenizer: Any  # data.tokenizer.Tokenizer or HFTokenizer; None if the run never set up
   layout: sharding.ParamLayout
   init_step: int | None = None  # the checkpoint of init_from the run started from
 
@@ -240,8 +232,9 @@ class LoadedRun:
     return seed_params(self.layout, self.config.seed, self.config.seq_len)
 
 
-def load_params(workdir: str) -> LoadedRun:
-  """The latest checkpoint's parameters of the run in `workdir` (no optimizer state is read)."""
+def load_params(workdir: str, mesh: jax.sharding.Mesh | None = None) -> LoadedRun:
+  """The latest checkpoint's parameters of the run in `workdir` (no optimizer state
+  is read), on one device, or sharded over `mesh` by the run's sharding rules."""
   cfg_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(cfg_path):
     raise UserError(f'{workdir} has no config.json; point at a training run\'s workdir.')
@@ -252,7 +245,7 @@ def load_params(workdir: str) -> LoadedRun:
   saved['model'] = {k: v for k, v in saved['model'].items() if not k.startswith('lora_')}
   config = ml_collections.ConfigDict(saved)
   model = build_model(config)
-  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  mesh = mesh or sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   layout = sharding.param_layout(model, mesh, sharding.rules_from_config(config.sharding_rules),
                                  uses_lora=model.lora is not None, seq_len=config.seq_len)
   trainable, _ = ckpt_lib.restore_params(workdir, layout.trainable, role='workdir')
@@ -262,6 +255,6 @@ def load_params(workdir: str) -> LoadedRun:
     base = (load_init_from(config, layout, init_step) if config.init_from
             else layout.split(seed_params(layout, config.seed, config.seq_len))[1])
     params = lora.combine(base, trainable)
-  tok_path = os.path.join(workdir, 'tokenizer.model')
-  tokenizer = Tokenizer.load(tok_path) if os.path.exists(tok_path) else None
+  tok_path = tokenizer_lib.saved_tokenizer(workdir)
+  tokenizer = tokenizer_lib.load_tokenizer(tok_path) if tok_path else None
   return LoadedRun(config, model, params, tokenizer, layout, init_step)

@@ -248,7 +248,7 @@ def _train(config, workdir: str, stage: Stage, devices, preemption) -> dict[str,
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints or None)
   writer = None
   try:  # however it ends, saves in flight are committed and files closed
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, config.get('logging'), config.to_dict())
     return _set_up_and_loop(config, workdir, stage, trainer, ckpt, writer, preemption)
   finally:
     ckpt.close()

@@ -1,4 +1,5 @@
-"""Metric sinks: the console, workdir/metrics.jsonl and TensorBoard events (process 0 only)."""
+"""Metric sinks: the console, workdir/metrics.jsonl, TensorBoard events and,
+optionally, Weights & Biases (process 0 only)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import contextlib
 import json
 import math
 import os
+import uuid
 
 import jax
+
+from research.errors import UserError
 
 
 def log(msg: str) -> None:
@@ -17,15 +21,18 @@ def log(msg: str) -> None:
 
 
 class MetricWriter:
-  """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
+  """Appends one JSON object per logged step and mirrors scalars to TensorBoard,
+  and to Weights & Biases when `logging.wandb_project` is set (config.logging)."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, logging=None, run_config: dict | None = None):
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._tb = None
+    self._tb = self._wandb = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      if logging is not None and logging.get('wandb_project'):
+        self._wandb = open_wandb(workdir, logging, run_config or {})
 
   def truncate_after(self, step: int) -> None:
     """Drops rows logged after `step` (a resumed run logs them again)."""
@@ -58,6 +65,8 @@ class MetricWriter:
         if k != 'step' and math.isfinite(v):
           self._tb.add_scalar(k, v, step)
       self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log({k: v for k, v in row.items() if k != 'step'}, step=int(step))
 
   def close(self) -> None:
     if self._tb is not None:
@@ -66,6 +75,35 @@ class MetricWriter:
       except OSError:
         pass  # write() flushed every row; a full disk must not hide the error that stopped the run
       self._tb = None
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
+
+
+WANDB_ID_FILE = 'wandb_id.txt'
+
+
+def open_wandb(workdir: str, logging, run_config: dict):
+  """A wandb run for this workdir: the same wandb run id on every resume (kept in
+  workdir/wandb_id.txt), files under workdir/wandb, `logging.wandb_mode` ('' =
+  wandb's default or $WANDB_MODE; 'offline' needs no network)."""
+  try:
+    import wandb  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise UserError('config.logging.wandb_project is set but wandb is not installed: `pip install wandb`, '
+                    'or leave logging.wandb_project empty.') from None
+  id_path = os.path.join(workdir, WANDB_ID_FILE)
+  if os.path.exists(id_path):
+    with open(id_path) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = uuid.uuid4().hex[:8]  # wandb run ids: short, lowercase alphanumeric
+    with open(id_path, 'w') as f:
+      f.write(run_id)
+  return wandb.init(project=logging.wandb_project, entity=logging.get('wandb_entity') or None,
+                    name=logging.get('wandb_name') or os.path.basename(os.path.abspath(workdir)),
+                    id=run_id, resume='allow', dir=workdir, mode=logging.get('wandb_mode') or None,
+                    config=run_config)
 
 
 @contextlib.contextmanager

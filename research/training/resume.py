@@ -35,7 +35,7 @@ _ABSENT = object()  # a field one config has and the other lacks
 # the knobs that change memory or speed but not the function (attention_impl,
 # logits_chunk), and the recovery knobs themselves.
 HARMLESS = ('steps', 'log_every', 'eval_every', 'eval_batches', 'checkpoint_every', 'keep_checkpoints',
-            'checkpoint_fallback', 'allow_changes', 'dry_run', 'sample', 'task_eval', 'mesh',
+            'checkpoint_fallback', 'allow_changes', 'dry_run', 'sample', 'task_eval', 'logging', 'mesh',
             'sharding_rules', 'optimizer.max_skipped_steps', 'model.attention_impl', 'model.logits_chunk')
 
 
