@@ -167,13 +167,13 @@ def test_lm_eval_adapter_matches_the_project(runs, tmp_path, monkeypatch):
   from lm_eval.tasks import TaskManager
   from research.interop.lm_harness import ResearchLM, cut_at
   from research import sampling
-  monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
-  monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
+  monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')  # local JSON files only, no hub
   for name, spec in _TASKS.items():
     data = tmp_path / f'{name}.jsonl'
     data.write_text(''.join(json.dumps(d) + '\n' for d in _DOCS[name]))
     (tmp_path / f'{name}.yaml').write_text(yaml.safe_dump(dict(
-        task=name, dataset_path='json', dataset_kwargs={'data_files': {'test': str(data)}}, test_split='test', **spec)))
+        task=name, dataset_path='json', test_split='test', **spec,
+        dataset_kwargs={'data_files': {'test': str(data)}, 'cache_dir': str(tmp_path / 'datasets')})))
   lm = ResearchLM(workdir=runs[0], batch_size=4, max_length=48)  # the 2nd rolling doc needs several windows
   out = lm_eval.simple_evaluate(model=lm, tasks=list(_TASKS), task_manager=TaskManager(include_path=str(tmp_path)),
                                 log_samples=True)

@@ -189,3 +189,19 @@ def test_sft_trains_and_answers_with_a_tokenizer_json(built, test_config, tmp_pa
   ev = evaluate.load(str(tmp_path))
   assert ev.chat and ev.tokenizer.identity == ours.identity and ev.stop_tokens == ours.stop_ids
   assert 0.0 <= evaluate.heldout(ev, examples=6, max_new_tokens=4)['exact_match'] <= 1.0
+
+
+def test_preference_sides_render_through_the_template(built):
+  """DPO's side (loss on the last reply) and the reward model's scored side (read
+  at the reply's last token, its stop token not fed) with a checkpoint's template."""
+  from research.data import pairs
+  style, ours, _ = built
+  messages = CONVERSATIONS[0]
+  ids, weights = chat.render(messages, ours, mask='completion')
+  end = ours.special_id(STYLES[style]['eos'])
+  side = pairs.render_side(messages, ours, 128)
+  assert side['loss_mask'][side['targets'] == end].sum() == 1  # the last reply's end-of-turn is trained
+  scored = pairs.render_scored(messages, ours, 128)
+  n = int(scored['segment_ids'].sum())
+  assert scored['inputs'][:n].tolist() == ids.tolist()[:n] and ids[n] == end  # cut just before <|eot_id|> / <|im_end|>
+  assert scored['score_index'] == n - 1 and ours.decode(ids[n - len(ours.encode('It is 6.')):n]) == 'It is 6.'

@@ -44,7 +44,7 @@ class Config(llama.Config):
   norm_offset: ClassVar[float] = 1.0
 
   version: int = 2  # 2 | 3
-  query_pre_attn_scalar: float = 256.0
+  query_pre_attn_scalar: float = 0.0  # queries scale by its -1/2 power; 0: head_dim
   attn_softcap: float = 50.0  # 0: none (Gemma 3)
   final_softcap: float = 30.0  # 0: none (Gemma 3)
   sliding_window: int = 4096
@@ -54,7 +54,6 @@ class Config(llama.Config):
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
   d_ff: int = 9216
-  head_dim: int = 256
 
   def embed_scale(self) -> float:
     return math.sqrt(self.d_model)
@@ -127,8 +126,7 @@ class Config(llama.Config):
         'num_hidden_layers': self.n_layers, 'num_attention_heads': self.n_heads,
         'num_key_value_heads': self.n_kv_heads, 'head_dim': self.head_dim, 'intermediate_size': self.d_ff,
         'rms_norm_eps': self.norm_eps, 'tie_word_embeddings': True, 'hidden_activation': 'gelu_pytorch_tanh',
-        'query_pre_attn_scalar': (int(self.query_pre_attn_scalar) if float(self.query_pre_attn_scalar).is_integer()
-                                  else self.query_pre_attn_scalar),  # transformers types it int
+        'query_pre_attn_scalar': _int_if_whole(self.query_pre_attn_scalar or self.head_dim),  # typed int there
         'attn_logit_softcapping': self.attn_softcap or None, 'final_logit_softcapping': self.final_softcap or None,
         'sliding_window': self.sliding_window, 'attention_bias': False, 'max_position_embeddings': 8192,
         'layer_types': ['full_attention' if w == 0 else 'sliding_attention' for w in self.layer_windows()],
@@ -144,6 +142,10 @@ class Config(llama.Config):
     if self.head == 'score':
       out['num_labels'] = 1
     return out
+
+
+def _int_if_whole(x: float) -> float | int:
+  return int(x) if float(x).is_integer() else x
 
 
 def _rope_params(hf: dict, version: int) -> tuple[tuple[float, float], float]:
@@ -183,7 +185,8 @@ class Block(nn.Module):
     h, new_cache = Attention(
         cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model, cfg.rope, qk_norm=cfg.version == 3,
         norm_eps=cfg.norm_eps, impl=cfg.attention_impl, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        init_std=cfg.init_std, lora=self.lora, norm_offset=1.0, query_scale=cfg.query_pre_attn_scalar ** -0.5,
+        init_std=cfg.init_std, lora=self.lora, norm_offset=1.0,
+        query_scale=(cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5,
         logit_softcap=cfg.attn_softcap, name='attn')(
             norm('attn_norm')(x_BTD), positions_BT, jnp.where(sliding, masks[1], masks[0]), cache, cache_index,
             inv_freq=jnp.where(sliding, local_freq, global_freq))
