@@ -36,6 +36,10 @@ MODEL_PRESETS = {
                       n_kv_heads=1, head_dim=256, d_ff=6912, query_pre_attn_scalar=256.0, sliding_window=512,
                       sliding_pattern=6, rope_theta=1_000_000.0, attn_softcap=0.0, final_softcap=0.0,
                       logits_chunk=1024),
+    # Mixtral 8x7B (family 'mixtral'), with GShard capacity dispatch (1.25) rather than
+    # dropless, which would compute all 8 experts per token (init_from=hf: routes dropless).
+    'mixtral-8x7b': dict(family='mixtral', vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                         d_ff=14336, n_experts=8, experts_per_token=2, capacity_factor=1.25, rope_theta=1e6),
     'gemma3-4b': dict(family='gemma', version=3, vocab_size=262208, d_model=2560, n_layers=34, n_heads=8,
                       n_kv_heads=4, head_dim=256, d_ff=10240, query_pre_attn_scalar=256.0, sliding_window=1024,
                       sliding_pattern=6, rope_theta=1_000_000.0, rope_linear_factor=8.0, attn_softcap=0.0,
@@ -54,8 +58,10 @@ RUN_PRESETS = {
     'gemma2-9b': (1024, 4096, 250_000, 3e-4),
     'gemma3-1b': (512, 4096, 100_000, 3e-4),
     'gemma3-4b': (1024, 4096, 250_000, 3e-4),
+    'mixtral-8x7b': (1024, 4096, 250_000, 3e-4),
 }
-ACCELERATOR_SIZES = ('small', '1b', '7b', '8b', 'gemma2-2b', 'gemma2-9b', 'gemma3-1b', 'gemma3-4b')  # bfloat16
+ACCELERATOR_SIZES = ('small', '1b', '7b', '8b', 'gemma2-2b', 'gemma2-9b', 'gemma3-1b', 'gemma3-4b',
+                     'mixtral-8x7b')  # bfloat16
 LARGE_SIZES = ACCELERATOR_SIZES[1:]  # scanned layers, full remat
 
 # Logical axis -> mesh axes. Order is priority: flax assigns a mesh axis to the
@@ -63,7 +69,11 @@ LARGE_SIZES = ACCELERATOR_SIZES[1:]  # scanned layers, full remat
 # comes first (activations then keep `embed` unsharded) and parameters, which
 # have no batch axis, get `embed` sharded over fsdp.
 DEFAULT_RULES = (
-    ('batch', ('data', 'fsdp')),
+    ('batch', ('data', 'fsdp', 'expert')),
+    # A Mixture of Experts: its weights split over `expert`; the tokens inside the
+    # layer keep to the other data axes (research/models/moe.py).
+    ('expert', 'expert'),
+    ('expert_batch', ('data', 'fsdp')),
     ('vocab', 'tensor'),
     ('heads', 'tensor'),
     ('kv_heads', 'tensor'),
@@ -166,8 +176,9 @@ def base_config(stage: str, size: str, family: str = 'llama') -> ml_collections.
       max_skipped_steps=10,  # stop after this many non-finite steps in a row (each one skipped)
       head_lr_scale=1.0))  # learning-rate multiplier of new heads (reward score, PPO value)
 
-  # Mesh axis sizes; one may be -1 to take the remaining devices.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Mesh axis sizes; one may be -1 to take the remaining devices. `expert` shards a
+  # Mixture of Experts' experts (and, outside those layers, the batch).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
   c.sharding_rules = DEFAULT_RULES
 
   c.data = ml_collections.ConfigDict(dict(

@@ -14,6 +14,7 @@ so do OS errors the user fixes (a full disk, a read-only workdir).
 from __future__ import annotations
 
 import errno
+import math
 import os
 import sys
 
@@ -46,10 +47,10 @@ def simulate_devices_for_dry_run(config) -> None:
   """Lets a laptop plan a pod: the CPU backend gets as many (fake) devices as
   the mesh asks for. Must run before JAX initialises its backends; it only
   affects the CPU platform, so real accelerators are untouched."""
-  sizes = [int(config.mesh[a]) for a in ('data', 'fsdp', 'tensor')]
+  sizes = [int(config.mesh.get(a, 1)) for a in ('data', 'fsdp', 'expert', 'tensor')]
   flags_now = os.environ.get('XLA_FLAGS', '')
   if -1 not in sizes and 'xla_force_host_platform_device_count' not in flags_now:
-    n = sizes[0] * sizes[1] * sizes[2]
+    n = math.prod(sizes)
     os.environ['XLA_FLAGS'] = f'{flags_now} --xla_force_host_platform_device_count={n}'.strip()
 
 

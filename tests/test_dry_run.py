@@ -47,6 +47,24 @@ def test_gemma_presets_plan_on_fsdp8(size, count, tmp_path):
   assert report['params'] == count and report['logits_held_bytes_per_device'] < report['logits_bytes_per_device']
 
 
+def test_mixtral_plans_its_experts_over_the_expert_axis(tmp_path):
+  """Mixtral 8x7B on fsdp=2 x expert=4: the published parameter count, and each
+  device holds an eighth of the expert weights (experts over `expert`, their
+  model dimension over `fsdp`)."""
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  r = subprocess.run([sys.executable, '-m', 'research.main', '--config=configs/pretrain.py:size=mixtral-8x7b',
+                      f'--workdir={tmp_path / "plan"}', '--config.dry_run=True', '--config.mesh.data=1',
+                      '--config.mesh.fsdp=2', '--config.mesh.expert=4', '--config.batch_size=8',
+                      '--config.seq_len=1024'],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'experts per device' in r.stdout
+  report = json.loads(r.stdout.strip().splitlines()[-1])
+  assert report['params'] == 46_702_792_704
+  assert report['expert_bytes_per_device'] == 32 * 8 * 3 * 4096 * 14336 * 4 // 8
+
+
 def _n_params(m, stage):
   per_layer = m.d_model * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads) + 3 * m.d_model * m.d_ff + 2 * m.d_model
   head = m.d_model * (1 if stage == 'reward' else m.vocab_size)  # score [D, 1] or lm_head [D, V]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 
 from research import sampling
 from research.errors import UserError
@@ -56,6 +57,15 @@ def _families():
           sliding_window=6, rope_parameters={
               'full_attention': {'rope_type': 'linear', 'factor': 8.0, 'rope_theta': 1e6},
               'sliding_attention': {'rope_type': 'default', 'rope_theta': 1e4}}),
+      # Mixtral: top-2 of 4 with GQA; top-1 of 8 with a sliding window shorter than the
+      # sequences; top-3 of 6, tied embeddings and a head dim apart from hidden / heads.
+      'mixtral_top2': transformers.MixtralConfig(**common, num_key_value_heads=2, num_local_experts=4,
+                                                 num_experts_per_tok=2),
+      'mixtral_top1_window': transformers.MixtralConfig(**{**common, 'num_hidden_layers': 3}, num_key_value_heads=4,
+                                                        num_local_experts=8, num_experts_per_tok=1, sliding_window=8),
+      'mixtral_top3_tied': transformers.MixtralConfig(**common, num_key_value_heads=2, head_dim=24,
+                                                      num_local_experts=6, num_experts_per_tok=3,
+                                                      tie_word_embeddings=True, rope_theta=1e6),
       'gemma3_mha': transformers.Gemma3TextConfig(
           **common, num_key_value_heads=4, head_dim=32, query_pre_attn_scalar=32, sliding_window=10,
           layer_types=['sliding_attention', 'full_attention']),
@@ -113,8 +123,14 @@ def test_export_reloads_bit_identical(family, tmp_path):
   hf.save_pretrained(out, model, params, model_type=hf_model.config.model_type)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
   assert type(reloaded) is type(hf_model)
-  theirs = {k: v.numpy() for k, v in reloaded.state_dict().items()}
+  # transformers saves it again in its checkpoint layout (Mixtral: one tensor per
+  # expert, which it fuses in memory): that file holds exactly our tensors.
+  resaved = str(tmp_path / 'resaved')
+  reloaded.save_pretrained(resaved)
+  with safe_open(os.path.join(resaved, 'model.safetensors'), framework='numpy') as f:
+    theirs = {k: f.get_tensor(k) for k in f.keys()}
   ours = hf.to_hf_state_dict(model.cfg, params)
+  assert sorted(theirs) == sorted(ours)
   for key, value in ours.items():
     np.testing.assert_array_equal(theirs[key], value, err_msg=key)
 
@@ -133,8 +149,8 @@ def test_greedy_decoding_matches_generate(family):
 def test_sharded_load_places_tensors_on_the_mesh(family):
   from configs.base import DEFAULT_RULES
   _, hf_model, path = family
-  mesh = jax.make_mesh((1, 4, 2), ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:8])
+  from research.training import sharding
+  mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2), jax.devices()[:8])
   model, params = hf.load_pretrained(path, mesh=mesh, rules=DEFAULT_RULES)
   q = params['layers_0']['attn']['q']['kernel']
   assert q.sharding.spec[0] == 'fsdp'
@@ -168,7 +184,8 @@ def test_unsupported_fields_raise(tmp_path):
 
 
 @pytest.mark.parametrize('name,family', [('llama3_gqa_scaled', 'llama'), ('qwen3_gqa_headdim', 'qwen3'),
-                                         ('gemma2_tight_caps', 'gemma'), ('gemma3_linear_rope', 'gemma')])
+                                         ('gemma2_tight_caps', 'gemma'), ('gemma3_linear_rope', 'gemma'),
+                                         ('mixtral_top2', 'mixtral')])
 def test_init_from_hf_starts_from_those_weights(name, family, tmp_path, test_config, tok):
   """Step-0 eval loss of a run with init_from=hf:<dir> equals the HF model's loss;
   the run takes the checkpoint's family and architecture."""
@@ -187,7 +204,8 @@ def test_init_from_hf_starts_from_those_weights(name, family, tmp_path, test_con
   with open(os.path.join(workdir, 'config.json')) as f:
     model_section = json.load(f)['model']
   assert model_section['family'] == family
-  assert model_section['head_dim'] == hf_model.config.head_dim
+  hf_cfg = hf_model.config  # (Mixtral's config.json leaves head_dim null: hidden / heads)
+  assert model_section['head_dim'] == (hf_cfg.head_dim or hf_cfg.hidden_size // hf_cfg.num_attention_heads)
 
   # The HF loss on the same eval batch, document segment by document segment.
   from research.stages import pretrain

@@ -130,7 +130,7 @@ def test_rollout_on_a_mesh_matches_one_device():
   stops = np.asarray([3], np.int32)
   want = sampling.rollout(model, params, tokens, segs, pos, jax.random.PRNGKey(5), stops, **kw)
 
-  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   rules = sharding.rules_from_config(DEFAULT_RULES)
   layout = sharding.param_layout(model, mesh, rules, uses_lora=False, seq_len=8)
   placed = jax.device_put(params, layout.shardings)

@@ -4,7 +4,7 @@
     save_pretrained('out_dir', model, params)                      # transformers can load it
 
 config.json's `model_type` picks the family (research/models: llama for Llama,
-Mistral and Qwen2; qwen3), whose Config.from_hf / to_hf translate the
+Mistral and Qwen2; qwen3; gemma; mixtral), whose Config.from_hf / to_hf translate the
 architecture and whose `hf_param_map` names and reshapes every tensor. This
 module only walks that map: weights are read with `safetensors` (never pickle)
 one tensor at a time; given a mesh and logical rules, each tensor is placed
@@ -125,13 +125,21 @@ def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, mesh=No
       continue  # a causal LM loaded as a reward model: the trainer initialises the new head
     _set(params, ours, place(ours, to_ours(reader.get(theirs))))
   for ours, theirs, to_ours, _ in layer:
-    layers = [to_ours(reader.get(f'model.layers.{i}.{theirs}')) for i in range(cfg.n_layers)]
+    layers = [_layer_tensor(reader.get, f'model.layers.{i}.{theirs}', to_ours, cfg) for i in range(cfg.n_layers)]
     if cfg.scan_layers:
       _set(params, ('layers',) + ours, place(('layers',) + ours, np.stack(layers)))
     else:
       for i, w in enumerate(layers):
         _set(params, (f'layers_{i}',) + ours, place((f'layers_{i}',) + ours, w))
   return model, params
+
+
+def _layer_tensor(get, name: str, to_ours, cfg) -> np.ndarray:
+  """One layer's tensor; a name with '{e}' (one tensor per expert in HF, an
+  MoE family) is read for every expert and stacked on a leading axis."""
+  if '{e}' in name:
+    return np.stack([to_ours(get(name.format(e=e))) for e in range(cfg.n_experts)])
+  return to_ours(get(name))
 
 
 def to_hf_state_dict(cfg, params) -> dict[str, np.ndarray]:
@@ -143,7 +151,9 @@ def to_hf_state_dict(cfg, params) -> dict[str, np.ndarray]:
   for ours, theirs, _, to_hf in layer:
     for i in range(cfg.n_layers):
       w = _get(params, ('layers',) + ours)[i] if cfg.scan_layers else _get(params, (f'layers_{i}',) + ours)
-      out[f'model.layers.{i}.{theirs}'] = np.ascontiguousarray(to_hf(np.asarray(w)))
+      name = f'model.layers.{i}.{theirs}'
+      for e, w_e in enumerate(w) if '{e}' in name else [(None, w)]:  # per expert: axis 0 of ours
+        out[name.format(e=e) if e is not None else name] = np.ascontiguousarray(to_hf(np.asarray(w_e)))
   return out
 
 

@@ -26,13 +26,14 @@ import jax.numpy as jnp
 
 from research import losses
 from research.errors import UserError
-from research.models import gemma, llama, qwen3
+from research.models import gemma, llama, mixtral, moe, qwen3
 from research.models.layers import LoraConfig, count_params
 
 FAMILIES: dict[str, ModuleType] = {
     'llama': llama,  # Llama 2/3/3.1, Mistral, Qwen2
     'qwen3': qwen3,
     'gemma': gemma,  # Gemma 2, Gemma 3 (text)
+    'mixtral': mixtral,  # Mixture of Experts
 }
 # Top-level modules a head adds that a language model lacks (head='score', value_head):
 # loading a language model's weights leaves them at their init, and LoRA trains them in full.
@@ -40,7 +41,7 @@ NEW_HEADS = ('score', 'value')
 
 __all__ = ['FAMILIES', 'NEW_HEADS', 'LoraConfig', 'count_params', 'family', 'family_for_hf', 'model_config',
            'build', 'init_cache', 'repeat_cache', 'flops_per_token', 'forward', 'forward_with_values',
-           'target_log_probs']
+           'target_log_probs', 'with_router_losses']
 
 
 def family(name: str) -> ModuleType:
@@ -136,3 +137,58 @@ def target_log_probs(model, params, batch, rng=None, *, logits_fn=None, with_ent
   if with_values:
     result += (state['intermediates']['values'][0],)
   return result if len(result) > 1 else result[0]
+
+
+class _RouterLossTap:
+  """The model, except that its forwards on `params` (not a frozen reference's)
+  also collect what the MoE routers sow (research/models/moe.py)."""
+
+  def __init__(self, model, params):
+    self._model, self._params, self.sown = model, params, []
+
+  def __getattr__(self, name):
+    return getattr(self._model, name)
+
+  def apply(self, variables, *args, mutable=False, **kwargs):
+    if variables.get('params') is not self._params:
+      return self._model.apply(variables, *args, mutable=mutable, **kwargs)
+    asked = [] if mutable is False else list(mutable)
+    out, state = self._model.apply(variables, *args, mutable=asked + [moe.COLLECTION], **kwargs)
+    state = dict(state)
+    self.sown.append(state.pop(moe.COLLECTION, {}))
+    return (out, state) if asked else out
+
+
+def _sown_mean(sown: list, name: str):
+  """The mean over forwards and layers of a value every MoE layer sows as `name`
+  (scanned layers sow one [L] array, unrolled ones a scalar each)."""
+  per_forward = []
+  for tree in sown:
+    leaves = [x for path, x in jax.tree_util.tree_leaves_with_path(tree)
+              if any(getattr(k, 'key', None) == name for k in path)]
+    if leaves:
+      per_forward.append(jnp.mean(jnp.concatenate([jnp.ravel(x) for x in leaves])))
+  return jnp.mean(jnp.stack(per_forward)) if per_forward else None
+
+
+def with_router_losses(loss_fn, *, train: bool = True):
+  """A stage loss (model, params, batch, frozen, rng) -> (loss, weight, metrics)
+  that also reports the MoE routers' load-balancing loss as `moe_aux_loss`
+  (mean over layers of moe.load_balancing_loss, on the forwards of `params`)
+  and, with `train`, adds config.model.router_aux_coef times it to the loss.
+  Evaluation (train=False) reports it and leaves the loss the stage's own, so
+  eval/loss stays a cross-entropy. A family without routers: `loss_fn` itself."""
+  def loss_with_aux(model, params, batch, frozen, rng):
+    if not hasattr(model.cfg, 'router_aux_coef'):
+      return loss_fn(model, params, batch, frozen, rng)
+    tap = _RouterLossTap(model, params)
+    loss, weight, metrics = loss_fn(tap, params, batch, frozen, rng)
+    aux, dropped = _sown_mean(tap.sown, 'aux_loss'), _sown_mean(tap.sown, 'dropped')
+    metrics = dict(metrics)
+    if aux is not None:
+      metrics['moe_aux_loss'] = aux
+      loss = loss + model.cfg.router_aux_coef * aux if train else loss
+    if dropped is not None:
+      metrics['moe_dropped'] = dropped
+    return loss, weight, metrics
+  return loss_with_aux

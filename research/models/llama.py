@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.errors import UserError
+from research.models import moe
 from research.models.layers import (ATTENTION_IMPLS, REMAT_POLICIES, Attention, Linear, LoraConfig, RMSNorm,
                                     Rope, SwiGLU, Unembedding, attention_mask, remat_block, softcap, window_mask)
 
@@ -240,8 +241,9 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, cache, sliding, positions_BT, masks, cache_index):
-    del sliding  # every Llama layer attends to all earlier positions
-    cfg, mask_B1TS = self.cfg, masks[0]
+    cfg = self.cfg
+    # masks: (full, sliding-window) [B, 1, T, S]; a family without windows skips the select.
+    mask_B1TS = jnp.where(sliding, masks[1], masks[0]) if any(cfg.layer_windows()) else masks[0]
     h = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name='attn_norm')(x_BTD)
     h, new_cache = Attention(
         cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model, cfg.rope, qkv_bias=cfg.qkv_bias,
@@ -250,10 +252,16 @@ class Block(nn.Module):
         name='attn')(h, positions_BT, mask_B1TS, cache, cache_index)
     x_BTD = x_BTD + h
     h = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name='mlp_norm')(x_BTD)
-    x_BTD = x_BTD + SwiGLU(cfg.d_model, cfg.d_ff, cfg.dtype, cfg.param_dtype, cfg.init_std, self.lora,
-                           name='mlp')(h)
+    x_BTD = x_BTD + self.feed_forward(h, mask_B1TS)
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
     return x_BTD, new_cache
+
+  def feed_forward(self, h_BTD, mask_B1TS):
+    """The block's MLP on the normed hidden states (a Mixture-of-Experts family
+    overrides it; the attention mask tells padding apart)."""
+    del mask_B1TS
+    cfg = self.cfg
+    return SwiGLU(cfg.d_model, cfg.d_ff, cfg.dtype, cfg.param_dtype, cfg.init_std, self.lora, name='mlp')(h_BTD)
 
 
 class Model(nn.Module):
@@ -300,7 +308,7 @@ class Model(nn.Module):
       kv_slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
       mask_B1TS = attention_mask(slots_BT, segment_ids_BT, kv_slots_BS, kv_seg_BS)
       layer_caches = cache['layers']
-    # Sliding-window layers (Gemma) see the full mask cut to the window; the KV
+    # Sliding-window layers (Gemma, Mixtral) see the full mask cut to the window; the KV
     # cache keeps every position, so decoding is exact (not smaller).
     windows = cfg.layer_windows()
     window = max(windows)
@@ -318,7 +326,8 @@ class Model(nn.Module):
 
     block_cls = remat_block(self.block, cfg.remat, cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+      # A layer's sown values (an MoE router's losses, models.with_router_losses) stack on axis 0 too.
+      stack = nn.scan(block_cls, variable_axes={'params': 0, moe.COLLECTION: 0}, split_rngs={'params': True, 'dropout': True},
                       in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
       x_BTD, new_layer_caches = stack(cfg, self.lora, name='layers')(x_BTD, layer_caches, jnp.asarray(sliding_L),

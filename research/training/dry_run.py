@@ -60,6 +60,15 @@ def logits_bytes(trainer) -> tuple[int, int] | None:
   return 4 * rows * length * vocab, 4 * rows * chunk * vocab
 
 
+def expert_bytes(tree) -> int:
+  """Per-device bytes of a Mixture of Experts' expert weights in `tree` (the
+  [E, ...] arrays mlp/gate, mlp/up, mlp/down; research/models/moe.py)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  keys = lambda path: [getattr(k, 'key', None) for k in path]
+  return per_device_bytes([leaf for path, leaf in flat
+                           if keys(path)[-2:] in (['mlp', 'gate'], ['mlp', 'up'], ['mlp', 'down'])])
+
+
 def dry_run(trainer) -> dict[str, Any]:
   """Compiles the train step on abstract inputs; prints and returns the report."""
   c = trainer.config
@@ -96,6 +105,10 @@ def dry_run(trainer) -> dict[str, Any]:
         f'({", ".join(trainer.held_frozen)})')
   if mem is not None:
     log(f'  compiled temp per device:   {report["temp_size_in_bytes"] / gib:8.3f} GiB')
+  if hasattr(trainer.model.cfg, 'n_experts'):  # held in the trainable tree, or frozen under LoRA
+    report['expert_bytes_per_device'] = expert_bytes([trainer.abstract_state.params, frozen])
+    log(f'  experts per device:         {report["expert_bytes_per_device"] / gib:8.3f} GiB '
+        f'(parameters; {trainer.model.cfg.n_experts} experts over mesh.expert={trainer.mesh.shape["expert"]})')
   if logits := logits_bytes(trainer):
     report['logits_bytes_per_device'], report['logits_held_bytes_per_device'] = logits
     log(f'  float32 logits per device:  {logits[0] / gib:8.3f} GiB whole, {logits[1] / gib:.3f} GiB held at '

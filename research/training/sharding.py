@@ -1,6 +1,6 @@
 """Device mesh, logical-axis sharding, and where a model's parameters live.
 
-Mesh axes are ('data', 'fsdp', 'tensor'). Parameters and activations carry
+Mesh axes are ('data', 'fsdp', 'expert', 'tensor'). Parameters and activations carry
 logical axis names ('embed', 'heads', 'batch', ...); `config.sharding_rules`
 maps them to mesh axes, so changing the parallelism is a config edit.
 """
@@ -19,12 +19,14 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from research import lora
 from research.errors import UserError
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+# `expert` holds a Mixture of Experts' experts (elsewhere it splits the batch like
+# `data`); `tensor` is last so that its heavy collectives stay between nearest devices.
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 
-def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
-  """Resolves config.mesh (one axis may be -1) against the device count."""
-  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, ...]:
+  """Resolves config.mesh (one axis may be -1; `expert` defaults to 1) against the device count."""
+  sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
   if sizes.count(-1) > 1:
     raise UserError(f'config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}.')
   for name, s in zip(MESH_AXES, sizes):
@@ -45,10 +47,10 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh over all (or the given) devices."""
+  """A ('data', 'fsdp', 'expert', 'tensor') mesh over all (or the given) devices."""
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def rules_from_config(rules_cfg) -> tuple[tuple[str, Any], ...]:

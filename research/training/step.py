@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from research import lora
+from research import lora, models
 from research.training.stage import LossFn
 from research.training.state import TrainState
 
@@ -53,6 +53,8 @@ def loss_views(params, frozen: dict, names: Sequence[str]) -> dict:
 
 def loss_and_grads(params, frozen, batch, rng, *, model, loss_fn: LossFn, frozen_names=()):
   """(loss, weight, metrics, gradient of loss * weight) at `params` (the trainable tree)."""
+  loss_fn = models.with_router_losses(loss_fn)  # a Mixture of Experts adds its routers' balancing loss
+
   def f(p):
     loss, weight, metrics = loss_fn(model, full_params(p, frozen), batch,
                                     loss_views(p, frozen, frozen_names), rng)
@@ -130,6 +132,8 @@ def eval_step(params, frozen: dict, batch: dict, *, model, loss_fn: LossFn, froz
   """Weighted sums over one eval batch: loss_sum, weight and each metric * weight.
   With `accum` > 1 the batch is evaluated in that many micro-batches, as the
   train step splits it, so evaluation never needs more memory than training."""
+  loss_fn = models.with_router_losses(loss_fn, train=False)  # reported, not added
+
   def sums(mb):
     loss, weight, metrics = loss_fn(model, full_params(params, frozen), mb,
                                     loss_views(params, frozen, frozen_names), None)
