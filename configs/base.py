@@ -202,8 +202,9 @@ def base_config(stage: str, size: str, family: str = 'llama') -> ml_collections.
 
   # LoRA: rank 0 = off. targets: a preset (attention | attention_up_down | all_linear) or a regex
   # fully matching parameter paths such as 'layers_0/attn/q/kernel'.
+  # quantize_base: '' | nf4 | int8 keeps the frozen base quantized (QLoRA; adapters stay float32).
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets='attention',
-                                          rslora=False))
+                                          rslora=False, quantize_base=''))
 
   # Metrics always go to metrics.jsonl and TensorBoard (workdir/tensorboard); with a
   # wandb_project also to Weights & Biases (`pip install wandb`; wandb_mode='offline'

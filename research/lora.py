@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from research.errors import UserError
-from research.models import NEW_HEADS, LoraConfig
+from research.models import NEW_HEADS, LoraConfig, quant
 
 TARGET_PRESETS = {
     'attention': r'.*attn/(q|k|v|o)/kernel',
@@ -48,6 +48,18 @@ def from_config(lora_section) -> LoraConfig | None:
     raise UserError(f'config.lora.targets={lora_section.targets!r} is not a preset nor a valid regex ({e}).') from None
   return LoraConfig(rank=rank, alpha=float(lora_section.alpha), dropout=dropout, targets=targets,
                     rslora=bool(lora_section.rslora))
+
+
+def quantize_kind(lora_section) -> str:
+  """config.lora.quantize_base checked: '' (a float base), 'nf4' or 'int8' (QLoRA:
+  research/models/quant.py); only a LoRA run has a frozen base to quantize."""
+  kind = lora_section.get('quantize_base', '') or ''
+  if kind not in ('',) + quant.KINDS:
+    raise UserError(f"config.lora.quantize_base={kind!r}; choose '' (float), 'nf4' or 'int8'.")
+  if kind and int(lora_section.rank) == 0:
+    raise UserError(f'config.lora.quantize_base={kind!r} quantizes the frozen base of a LoRA run; '
+                    'set config.lora.rank > 0 (or quantize_base to \'\').')
+  return kind
 
 
 def _split(tree, keep_adapters: bool):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from research.models import blockwise
+from research.models import blockwise, quant
 
 Array = jax.Array
 # Large negative instead of -inf: a fully masked row (padding) gives a uniform
@@ -161,8 +161,9 @@ class Linear(nn.Module):
     weights and per-token inputs, whose .logits(chunk of features) gives the same
     output a chunk at a time (an output layer with n_in=1 and no bias only)."""
     shape = tuple(x.shape[-self.n_in:]) + tuple(self.features)
-    kernel = self.param('kernel', nn.with_logical_partitioning(
+    kernel = quant.param(self, 'kernel', nn.with_logical_partitioning(
         nn.initializers.normal(self.init_std), self.axes), shape, self.param_dtype)
+    kernel = quant.materialize(kernel, self.param_dtype)  # a QLoRA base: dequantized here, per layer
     if defer:
       return self._deferred(x, kernel, shape)
     # As one 2-D matmul [rows, in] x [in, out] (reshapes are free): with the
@@ -476,5 +477,7 @@ def remat_block(block_cls, remat: str, scan_layers: bool):
 
 
 def count_params(params) -> int:
-  """Number of scalars in a parameter pytree (works on ShapeDtypeStructs)."""
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  """Number of scalars in a parameter pytree (works on ShapeDtypeStructs; a
+  quantized weight counts the weights it holds)."""
+  leaves = jax.tree.leaves(params, is_leaf=quant.is_quantized)
+  return sum(x.size if quant.is_quantized(x) else math.prod(x.shape) for x in leaves)

@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.models import quant
 from research.models.layers import Linear, LoraConfig, swiglu
 
 COLLECTION = 'moe'  # the sown collection models.with_router_losses reads
@@ -109,8 +110,9 @@ class MoE(nn.Module):
   activation: str = 'silu'
 
   def _experts(self, name, shape, axes):
-    return self.param(name, nn.with_logical_partitioning(nn.initializers.normal(self.init_std), axes), shape,
-                      self.param_dtype).astype(self.dtype)
+    w = quant.param(self, name, nn.with_logical_partitioning(nn.initializers.normal(self.init_std), axes), shape,
+                   self.param_dtype)
+    return quant.materialize(w, self.dtype)  # a QLoRA base: dequantized here, per layer
 
   def _act(self, g, u):
     return swiglu(g, u) if self.activation == 'silu' else jax.nn.gelu(g, approximate=True) * u

@@ -26,6 +26,7 @@ from research import lora, models
 from research.data import pipeline
 from research.data import tokenizer as tokenizer_lib
 from research.errors import UserError
+from research.models import quant
 from research.training import checkpoint as ckpt_lib
 from research.training import sharding
 from research.training.state import TrainState, no_skips
@@ -202,11 +203,12 @@ def setup_state(trainer, ckpt, init_step: int | None = None) -> tuple[TrainState
     state, data_state = restored
     # Frozen trees are not in the checkpoint: rebuild them exactly.
     initial = _initial_params(trainer, init_step) if trainer.held_frozen else {}
+    initial = trainer.frozen_base(initial) if trainer.uses_lora else initial
     return state, {name: initial for name in trainer.held_frozen}, data_state
   state, base = init_state(trainer, load_init_from(trainer.config, trainer.layout, init_step)
                            if trainer.config.init_from else None)
   if trainer.uses_lora:
-    return state, {BASE: base}, None
+    return state, {BASE: trainer.frozen_base(base)}, None
   copied = _copy(state.params) if trainer.held_frozen else {}
   return state, {name: copied for name in trainer.held_frozen}, None
 
@@ -245,7 +247,7 @@ def load_params(workdir: str, mesh: jax.sharding.Mesh | None = None) -> LoadedRu
   saved['model'] = {k: v for k, v in saved['model'].items() if not k.startswith('lora_')}
   config = ml_collections.ConfigDict(saved)
   model = build_model(config)
-  mesh = mesh or sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  mesh = mesh or sharding.make_mesh({'data': 1}, jax.devices()[:1])
   layout = sharding.param_layout(model, mesh, sharding.rules_from_config(config.sharding_rules),
                                  uses_lora=model.lora is not None, seq_len=config.seq_len)
   trainable, _ = ckpt_lib.restore_params(workdir, layout.trainable, role='workdir')
@@ -254,6 +256,8 @@ def load_params(workdir: str, mesh: jax.sharding.Mesh | None = None) -> LoadedRu
   if layout.uses_lora:  # the base is not in the run's checkpoints: rebuild it as training did
     base = (load_init_from(config, layout, init_step) if config.init_from
             else layout.split(seed_params(layout, config.seed, config.seq_len))[1])
+    if kind := lora.quantize_kind(config.lora):  # QLoRA: the weights training saw, dequantized
+      base = quant.dequantize_tree(quant.quantize_tree(base, kind))
     params = lora.combine(base, trainable)
   tok_path = tokenizer_lib.saved_tokenizer(workdir)
   tokenizer = tokenizer_lib.load_tokenizer(tok_path) if tok_path else None

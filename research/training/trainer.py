@@ -27,8 +27,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from research import lora
 from research.data import pipeline
 from research.errors import UserError
+from research.models import quant
 from research.training import sharding
 from research.training import step as step_lib
 from research.training.optimizer import make_optimizer
@@ -64,12 +66,28 @@ class Trainer:
     copy per frozen tree the stage reads (with LoRA those are derived, not held)."""
     return (step_lib.BASE,) if self.uses_lora else tuple(self.stage.frozen)
 
+  @property
+  def quantize_base(self) -> str:
+    """'nf4' or 'int8' when a LoRA run keeps its frozen base quantized (QLoRA), else ''."""
+    return lora.quantize_kind(self.config.lora)
+
+  def frozen_base(self, base):
+    """The LoRA base as the run holds it: quantized on the mesh (config.lora.quantize_base), or as it is."""
+    return self._quantize(base) if self.quantize_base else base
+
+  @functools.cached_property
+  def _quantize(self):
+    return jax.jit(functools.partial(quant.quantize_tree, kind=self.quantize_base),
+                   out_shardings=self.frozen_shardings[step_lib.BASE])
+
   def mesh_context(self) -> sharding.MeshContext:
     """`with trainer.mesh_context():` the mesh and logical rules, for tracing and running."""
     return sharding.MeshContext(self.mesh, self.rules)
 
   def _setup_shardings(self):
     trainable, base = self.layout.trainable, self.layout.base
+    if self.quantize_base:
+      base = quant.abstract_quantized(base, self.quantize_base)
     self.abstract_frozen = {name: base if name == step_lib.BASE else trainable for name in self.held_frozen}
     shardings_of = lambda tree: jax.tree.map(lambda a: a.sharding, tree)
     self.param_shardings, self.frozen_shardings = shardings_of(trainable), shardings_of(self.abstract_frozen)

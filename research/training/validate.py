@@ -36,14 +36,14 @@ def validate_run(config, mesh, rules) -> None:
   if config.batch_size % (shards * accum):
     raise UserError(
         f'config.batch_size={config.batch_size} does not divide over {shards} batch shards '
-        f'(mesh data x fsdp) x {accum} grad_accum_steps; make it a multiple of {shards * accum}.')
+        f'(mesh data x fsdp x expert) x {accum} grad_accum_steps; make it a multiple of {shards * accum}.')
   if config.batch_size % jax.process_count():
     raise UserError(f'config.batch_size={config.batch_size} does not divide over '
                     f'{jax.process_count()} processes.')
   if shards % jax.process_count():
-    raise UserError(f'config.mesh: the batch is split {shards} ways (data x fsdp) over '
+    raise UserError(f'config.mesh: the batch is split {shards} ways (data x fsdp x expert) over '
                     f'{jax.process_count()} processes; each process must feed its own rows, so make '
-                    'data x fsdp a multiple of the process count (keep tensor parallelism within a host).')
+                    'data x fsdp x expert a multiple of the process count (keep tensor parallelism within a host).')
   s = config.sample
   if s.temperature < 0 or not 0 < s.top_p <= 1 or not 0 <= s.top_k <= config.model.vocab_size:
     raise UserError(f'config.sample: need temperature >= 0, 0 < top_p <= 1 and 0 <= top_k <= vocab '
