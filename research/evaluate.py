@@ -46,7 +46,7 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
-from research import evaluation, losses, sampling
+from research import evaluation, losses, models
 from research.data import chat, pipeline
 from research.data.tokenizer import Tokenizer
 from research.errors import UserError
@@ -109,15 +109,10 @@ def load(workdir: str = '', init_from: str = '', *, config=None, prompt_format: 
     longest = int(config.seq_len) if config is not None else int(
         hf.read_config(path).get('max_position_embeddings', 2048))
   else:
-    cfg_path = os.path.join(workdir, 'config.json')
-    if not os.path.exists(cfg_path):
-      raise UserError(f'{workdir} has no config.json; point --workdir at a training run.')
-    with open(cfg_path) as f:
-      mesh = sharding.make_mesh(ml_collections.ConfigDict(json.load(f)['mesh']))
-    run = init.load_params(workdir, mesh)
+    run = init.load_params(workdir, run_mesh=True)
     if run.tokenizer is None:
       raise UserError(f'{workdir} has no tokenizer: it never finished setting up.')
-    config, model, params, tokenizer = run.config, run.model, run.params, run.tokenizer
+    config, model, params, tokenizer, mesh = run.config, run.model, run.params, run.tokenizer, run.layout.mesh
     rules, is_chat, longest = run.layout.rules, config.stage != 'pretrain', int(config.seq_len)
   if prompt_format not in ('auto', 'chat', 'plain'):
     raise UserError(f'--format={prompt_format!r}: choose auto, chat or plain.')
@@ -208,16 +203,15 @@ def continuation_logprobs(ev: Evaluee, pairs: Sequence[tuple[Sequence[int], Sequ
 
 # ---- tasks ----
 
-def _packed_nll_fn(model, params, batch, chunk: int):
-  """(summed NLL, count) of the non-padding targets of packed rows (several documents each)."""
-  head, _ = model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
-                        unembedding=True)
-  logps_BT = losses.chunked_token_log_probs(head.logits, head.features, batch['targets'], chunk)
-  real_BT = batch['segment_ids'] > 0
-  return -jnp.sum(jnp.where(real_BT, logps_BT, 0.0)), jnp.sum(real_BT)
+def _packed_nll_fn(model, params, batch):
+  """(summed NLL, count) of the non-padding targets of packed rows, as the
+  pretraining loss reads them (models.target_log_probs, chunked with the model's
+  logits_chunk)."""
+  logps, count = losses.masked_sums(models.target_log_probs(model, params, batch), batch['segment_ids'] > 0)
+  return -jnp.sum(logps), jnp.sum(count)
 
 
-_packed_nll = jax.jit(_packed_nll_fn, static_argnames=('model', 'chunk'))
+_packed_nll = jax.jit(_packed_nll_fn, static_argnames=('model',))
 
 
 def perplexity(ev: Evaluee, name: str = '', split: str = '', *, files: str = '', batch_size: int = 0,
@@ -241,7 +235,7 @@ def perplexity(ev: Evaluee, name: str = '', split: str = '', *, files: str = '',
   put = functools.partial(jax.device_put, device=sharding.batch_sharding(ev.mesh, ev.rules))
   with sharding.MeshContext(ev.mesh, ev.rules):
     for b in tqdm.tqdm(data_batches, desc='perplexity', disable=None, leave=False):
-      s, n = _packed_nll(ev.model, ev.params, {k: put(v) for k, v in b.items()}, chunk=min(256, int(cfg.seq_len)))
+      s, n = _packed_nll(ev.model, ev.params, {k: put(v) for k, v in b.items()})
       nll, tokens = nll + float(s), tokens + int(n)
   return {'loss': nll / tokens, 'perplexity': math.exp(min(nll / tokens, 50.0)), 'tokens': float(tokens)}
 
@@ -282,36 +276,25 @@ def generation(ev: Evaluee, rows: list[dict], *, samples: int = 1, ks: Sequence[
   """Exact match of the greedy reply to each row's prompt against its 'answer'
   (stripped); with samples=n > 1 also pass@k (unbiased, for each k <= n) and
   mean@n (the share of correct samples) of n replies sampled at `temperature`."""
+  if samples > 1 and max(ks) > samples:
+    raise UserError(f'pass@{max(ks)} needs at least {max(ks)} samples; raise --samples.')
   prompts = [ev.prompt_ids(r) for r in rows]
   answers = [str(r['answer']).strip() for r in rows]
-  stops = ev.stop_tokens
-  decode = lambda ids: ev.tokenizer.decode([t for t in ids if t not in stops]).strip()
-  greedy, sampled = [], []
   rows_per = _rows_per_batch(ev, batch_size)
+  sampled = []
   with sharding.MeshContext(ev.mesh, ev.rules):
-    for i in tqdm.trange(0, len(prompts), rows_per, desc='generate', disable=None, leave=False):
+    greedy = evaluation.greedy_texts(ev.model, ev.params, ev.tokenizer, prompts, ev.stop_tokens,
+                                     max_new_tokens=max_new_tokens, batch_size=rows_per, progress=True)
+    for i in range(0, len(prompts) if samples > 1 else 0, rows_per):
       chunk = prompts[i:i + rows_per]
       padded = chunk + [chunk[-1]] * (rows_per - len(chunk))  # one compiled shape
-      outs = sampling.generate(ev.model, ev.params, padded, max_new_tokens=max_new_tokens, stop_tokens=stops,
-                               pad_id=ev.tokenizer.pad_id, vocab_limit=ev.tokenizer.vocab_size)
-      greedy += [decode(o) for o in outs[:len(chunk)]]
-      if samples > 1:
-        tokens, segs, pos = sampling.left_pad(padded, ev.tokenizer.pad_id)
-        out = sampling.rollout(ev.model, ev.params, tokens, segs, pos, jax.random.fold_in(jax.random.PRNGKey(seed), i),
-                               np.asarray(stops, np.int32), max_new_tokens=max_new_tokens, n=samples,
-                               temperature=float(temperature), pad_id=ev.tokenizer.pad_id,
-                               vocab_limit=ev.tokenizer.vocab_size)
-        ids, mask = np.asarray(out['tokens']), np.asarray(out['mask'])
-        sampled += [decode(t[m > 0]) for t, m in zip(ids[:len(chunk) * samples], mask[:len(chunk) * samples])]
-  result = {'exact_match': float(np.mean([g == a for g, a in zip(greedy, answers)]))}
+      sampled += evaluation.sampled_texts(
+          ev.model, ev.params, ev.tokenizer, padded, ev.stop_tokens, jax.random.fold_in(jax.random.PRNGKey(seed), i),
+          n=samples, temperature=temperature, max_new_tokens=max_new_tokens)[:len(chunk) * samples]
+  result = {'exact_match': float(np.mean([g.strip() == a for g, a in zip(greedy, answers)]))}
   if samples > 1:
-    correct = np.asarray([s == answers[j // samples] for j, s in enumerate(sampled)]).reshape(-1, samples)
-    c = correct.sum(axis=1)
-    for k in ks:
-      if k > samples:
-        raise UserError(f'pass@{k} needs at least {k} samples; raise --samples.')
-      result[f'pass@{k}'] = float(np.mean([evaluation.pass_at_k(samples, int(ci), k) for ci in c]))
-    result[f'mean@{samples}'] = float(np.mean(c / samples))
+    correct = np.asarray([s.strip() == answers[j // samples] for j, s in enumerate(sampled)]).reshape(-1, samples)
+    result.update(evaluation.pass_at_k_metrics(correct, ks))
   return result
 
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import Sequence
 
 import jax
 import numpy as np
+import tqdm
 
 from research import sampling
 from research.data import chat, pipeline
@@ -35,19 +37,48 @@ def perplexity(policy, tokenizer, metrics: dict) -> dict[str, float]:
   return {'perplexity': math.exp(min(metrics['eval/loss'], 50.0))}
 
 
+def greedy_texts(model, params, tokenizer: Tokenizer, prompts: list[list[int]], stops: Sequence[int], *,
+                 max_new_tokens: int = 24, batch_size: int = 128, progress: bool = False) -> list[str]:
+  """The greedy continuation (text, stop tokens removed) of each prompt (token
+  ids), `batch_size` prompts at a time (the last batch padded: one compiled shape)."""
+  replies = []
+  for i in tqdm.trange(0, len(prompts), batch_size, desc='generate', disable=None if progress else True, leave=False):
+    chunk = prompts[i:i + batch_size]
+    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    outs = sampling.generate(model, params, padded, max_new_tokens=max_new_tokens, stop_tokens=tuple(stops),
+                             pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)[:len(chunk)]
+    replies += [tokenizer.decode([t for t in out if t not in stops]) for out in outs]
+  return replies
+
+
+def sampled_texts(model, params, tokenizer: Tokenizer, prompts: list[list[int]], stops: Sequence[int], rng, *,
+                  n: int, temperature: float, max_new_tokens: int = 24) -> list[str]:
+  """n sampled continuations (text, stop tokens removed) of each prompt, in one
+  rollout: prompt i's samples are items i*n .. i*n + n-1."""
+  tokens, segs, pos = sampling.left_pad(prompts, tokenizer.pad_id)
+  out = sampling.rollout(model, params, tokens, segs, pos, rng, np.asarray(stops, np.int32),
+                         max_new_tokens=max_new_tokens, n=n, temperature=float(temperature),
+                         pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
+  ids, mask = np.asarray(out['tokens']), np.asarray(out['mask'])
+  return [tokenizer.decode([t for t, m in zip(i, mk) if m and t not in stops]) for i, mk in zip(ids, mask)]
+
+
+def pass_at_k_metrics(correct_RN: np.ndarray, ks: Sequence[int], suffix: str = '') -> dict[str, float]:
+  """pass@k (unbiased, for each k) and mean@n (the share of correct samples) of
+  a [rows, n] table of correct samples, averaged over rows; names end in `suffix`."""
+  n = correct_RN.shape[1]
+  c = correct_RN.sum(axis=1)
+  out = {f'pass@{k}{suffix}': float(np.mean([pass_at_k(n, int(ci), k) for ci in c])) for k in ks}
+  out[f'mean@{n}{suffix}'] = float(np.mean(c / n))
+  return out
+
+
 def greedy_replies(model, params, tokenizer: Tokenizer, rows: list[dict], *, max_new_tokens: int = 24,
                    batch_size: int = 128) -> list[str]:
   """The greedy reply (text, stop token removed) to each row's `messages`."""
   prompts = [chat.prompt_ids(r['messages'], tokenizer) for r in rows]
-  stops = chat.stop_tokens(tokenizer)
-  replies = []
-  for i in range(0, len(prompts), batch_size):
-    chunk = prompts[i:i + batch_size]
-    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
-    outs = sampling.generate(model, params, padded, max_new_tokens=max_new_tokens, stop_tokens=stops,
-                             pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)[:len(chunk)]
-    replies += [tokenizer.decode([t for t in out if t not in stops]) for out in outs]
-  return replies
+  return greedy_texts(model, params, tokenizer, prompts, chat.stop_tokens(tokenizer), max_new_tokens=max_new_tokens,
+                      batch_size=batch_size)
 
 
 def exact_match_of(replies: list[str], rows: list[dict]) -> dict[str, float]:
@@ -150,22 +181,14 @@ class PassAtK(_TaskEvaluator):
 
   def __call__(self, policy, tokenizer: Tokenizer, metrics: dict) -> dict[str, float]:
     del metrics
-    stops = chat.stop_tokens(tokenizer)
     prompts = [chat.prompt_ids(r['messages'], tokenizer) for r in self.rows]
-    tokens, segs, pos = sampling.left_pad(prompts, tokenizer.pad_id)
-    out = sampling.rollout(policy.model, policy.params, tokens, segs, pos, jax.random.PRNGKey(self.seed),
-                           np.asarray(stops, np.int32), max_new_tokens=self.max_new_tokens, n=self.n,
-                           temperature=self.temperature, pad_id=tokenizer.pad_id,
-                           vocab_limit=tokenizer.vocab_size)
-    ids, mask = np.asarray(out['tokens']), np.asarray(out['mask'])
-    correct = np.asarray([tokenizer.decode([t for t, m in zip(i, mk) if m and t not in stops]).strip()
-                          == self.rows[j // self.n]['answer'].strip()
-                          for j, (i, mk) in enumerate(zip(ids, mask))]).reshape(-1, self.n)
-    c = correct.sum(axis=1)
+    texts = sampled_texts(policy.model, policy.params, tokenizer, prompts, chat.stop_tokens(tokenizer),
+                          jax.random.PRNGKey(self.seed), n=self.n, temperature=self.temperature,
+                          max_new_tokens=self.max_new_tokens)
+    correct = np.asarray([t.strip() == self.rows[j // self.n]['answer'].strip()
+                          for j, t in enumerate(texts)]).reshape(-1, self.n)
     result = {}
     for family in [None] + sorted({r['family'] for r in self.rows}):
       pick = [i for i, r in enumerate(self.rows) if family is None or r['family'] == family]
-      suffix = '' if family is None else f'/{family}'
-      result[f'pass@{self.k}{suffix}'] = float(np.mean([pass_at_k(self.n, int(c[i]), self.k) for i in pick]))
-      result[f'mean@{self.n}{suffix}'] = float(np.mean(c[pick] / self.n))
+      result.update(pass_at_k_metrics(correct[pick], (self.k,), '' if family is None else f'/{family}'))
     return result

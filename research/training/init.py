@@ -234,9 +234,10 @@ class LoadedRun:
     return seed_params(self.layout, self.config.seed, self.config.seq_len)
 
 
-def load_params(workdir: str, mesh: jax.sharding.Mesh | None = None) -> LoadedRun:
+def load_params(workdir: str, mesh: jax.sharding.Mesh | None = None, *, run_mesh: bool = False) -> LoadedRun:
   """The latest checkpoint's parameters of the run in `workdir` (no optimizer state
-  is read), on one device, or sharded over `mesh` by the run's sharding rules."""
+  is read), on one device, or sharded by the run's sharding rules over `mesh`, or
+  with run_mesh over the run's own config.mesh on all devices."""
   cfg_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(cfg_path):
     raise UserError(f'{workdir} has no config.json; point at a training run\'s workdir.')
@@ -247,6 +248,8 @@ def load_params(workdir: str, mesh: jax.sharding.Mesh | None = None) -> LoadedRu
   saved['model'] = {k: v for k, v in saved['model'].items() if not k.startswith('lora_')}
   config = ml_collections.ConfigDict(saved)
   model = build_model(config)
+  if run_mesh:
+    mesh = sharding.make_mesh(config.mesh)
   mesh = mesh or sharding.make_mesh({'data': 1}, jax.devices()[:1])
   layout = sharding.param_layout(model, mesh, sharding.rules_from_config(config.sharding_rules),
                                  uses_lora=model.lora is not None, seq_len=config.seq_len)
