@@ -86,7 +86,7 @@ def _tokens(batch, seq, vocab, seed=0):
   return rng.randint(0, vocab, (batch, seq + 1)).astype(np.int32)
 
 
-def _config(model_fields, batch, seq, dtype='float32', stage='pretrain', lora_rank=0):
+def _config(model_fields, batch, seq, dtype='float32', stage='pretrain', lora_rank=0, quantize_base=''):
   import importlib  # pylint: disable=import-outside-toplevel
   c = importlib.import_module(f'configs.{stage}').get_config('size=tiny')
   c.model.update(model_fields)
@@ -95,7 +95,7 @@ def _config(model_fields, batch, seq, dtype='float32', stage='pretrain', lora_ra
   c.mesh.update(data=1, fsdp=1, tensor=1)
   c.optimizer.warmup_steps = 1
   if lora_rank:
-    c.lora.update(rank=lora_rank, targets='all_linear')
+    c.lora.update(rank=lora_rank, targets='all_linear', quantize_base=quantize_base)
   return c
 
 
@@ -115,7 +115,7 @@ def part_peak(gpu: bool) -> dict:
   return {'peak_flops': 2 * n ** 3 / sec, 'dtype': jnp.dtype(dtype).name}
 
 
-def compiled_step(model_fields, batch, seq, dtype='float32', stage='pretrain', lora_rank=0):
+def compiled_step(model_fields, batch, seq, dtype='float32', stage='pretrain', lora_rank=0, quantize_base=''):
   """(trainer, state, frozen, global batch, compiled train step, compile seconds) for
   the project's jitted train step of `stage` (pretrain, or sft: every token in the
   loss) on one device and a random token batch."""
@@ -123,7 +123,7 @@ def compiled_step(model_fields, batch, seq, dtype='float32', stage='pretrain', l
   import jax  # pylint: disable=import-outside-toplevel
   from research.training import init  # pylint: disable=import-outside-toplevel
   from research.training.trainer import Trainer  # pylint: disable=import-outside-toplevel
-  c = _config(model_fields, batch, seq, dtype, stage, lora_rank)
+  c = _config(model_fields, batch, seq, dtype, stage, lora_rank, quantize_base)
   t = Trainer(c, importlib.import_module(f'research.stages.{stage}').stage(c), devices=jax.devices()[:1])
   state, frozen = init.setup_state(t, None)[:2]
   toks = _tokens(batch, seq, model_fields['vocab_size'])
@@ -155,10 +155,12 @@ def time_steps(compiled, state, batch, frozen, steps: int, warmup: int = 2):
   return state, (time.perf_counter() - t0) / steps
 
 
-def _jax_step_time(model_fields, batch, seq, steps, dtype='float32', stage='pretrain', lora_rank=0):
+def _jax_step_time(model_fields, batch, seq, steps, dtype='float32', stage='pretrain', lora_rank=0,
+                   quantize_base=''):
   import jax  # pylint: disable=import-outside-toplevel
   from research.models import flops_per_token  # pylint: disable=import-outside-toplevel
-  t, state, frozen, b, compiled, compile_s = compiled_step(model_fields, batch, seq, dtype, stage, lora_rank)
+  t, state, frozen, b, compiled, compile_s = compiled_step(model_fields, batch, seq, dtype, stage, lora_rank,
+                                                          quantize_base)
   with t.mesh_context():
     state, sec = time_steps(compiled, state, b, frozen, steps, warmup=2)
   mem = None
@@ -173,8 +175,8 @@ def _jax_step_time(model_fields, batch, seq, steps, dtype='float32', stage='pret
           'mem_kind': 'device' if mem is not None else 'rss'}
 
 
-# GPU rows (`--gpu`): (name, preset, batch, seq, attention, remat, stage, LoRA rank,
-# extra XLA_FLAGS). remat 'dots_with_no_batch_dims' keeps the projections' outputs
+# GPU rows (`--gpu`): (name, preset, batch, seq, attention, remat, stage, LoRA rank
+# (or (rank, 'nf4'): QLoRA, the frozen base in NF4), extra XLA_FLAGS). remat 'dots_with_no_batch_dims' keeps the projections' outputs
 # and recomputes the rest; 'none' keeps everything (it fits at 8 x 2048 when attention
 # is fused: no [B, H, T, T] scores are stored).
 NO_TRITON_GEMM = '--xla_gpu_enable_triton_gemm=false'  # matmuls to cuBLAS only
@@ -184,6 +186,8 @@ GPU_ROWS = (
     ('1b, 8 x 2048, no remat, cuBLAS only', '1b', 8, 2048, 'auto', 'none', 'pretrain', 0, NO_TRITON_GEMM),
     ('1b, 2 x 8192, no remat', '1b', 2, 8192, 'auto', 'none', 'pretrain', 0, ''),
     ('8b LoRA r16 SFT, 4 x 2048, remat dots', '8b', 4, 2048, 'auto', 'dots_with_no_batch_dims', 'sft', 16, ''),
+    ('8b QLoRA (NF4 base) r16 SFT, 4 x 2048, remat dots', '8b', 4, 2048, 'auto', 'dots_with_no_batch_dims', 'sft',
+     (16, 'nf4'), ''),
 )
 
 
@@ -191,8 +195,9 @@ def part_jax(gpu: bool, steps: int, attention: str = 'einsum', row: int = 0) -> 
   if gpu:
     from configs.base import MODEL_PRESETS  # pylint: disable=import-outside-toplevel
     _, preset, batch, seq, impl, remat, stage, rank, _ = GPU_ROWS[row]
+    rank, quantize_base = rank if isinstance(rank, tuple) else (rank, '')
     fields = dict(MODEL_PRESETS[preset], scan_layers=True, remat=remat, attention_impl=impl)
-    return _jax_step_time(fields, batch, seq, steps, 'bfloat16', stage, rank)
+    return _jax_step_time(fields, batch, seq, steps, 'bfloat16', stage, rank, quantize_base)
   return _jax_step_time(dict(REFERENCE, attention_impl=attention), REF_BATCH, REF_SEQ, steps)
 
 

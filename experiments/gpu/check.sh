@@ -12,7 +12,8 @@
 #   attention  every attention implementation against the numpy reference (cuDNN too)
 #   pipeline   the tiny `make run` pipeline end to end, DPO / reward / GRPO at once
 #   bench      peak bf16 matmul, the 1b step (MFU; remat dots and none), 1b at
-#              8192 tokens, LoRA SFT on the 8b preset (experiments.benchmarks.train_step --gpu)
+#              8192 tokens, LoRA SFT on the 8b preset, and QLoRA (NF4 base) on it
+#              (experiments.benchmarks.train_step --gpu)
 #   rl         issue 13's RL step check on the 1b preset, if time is left
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
