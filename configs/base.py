@@ -40,6 +40,10 @@ MODEL_PRESETS = {
     # dropless, which would compute all 8 experts per token (init_from=hf: routes dropless).
     'mixtral-8x7b': dict(family='mixtral', vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                          d_ff=14336, n_experts=8, experts_per_token=2, capacity_factor=1.25, rope_theta=1e6),
+    # Qwen3-30B-A3B (family 'qwen3_moe'): 128 experts, 8 active; capacity dispatch (1.25).
+    'qwen3-30b-a3b': dict(family='qwen3_moe', vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4,
+                          head_dim=128, d_ff=768, n_experts=128, experts_per_token=8, capacity_factor=1.25,
+                          rope_theta=1e6, logits_chunk=1024),
     'gemma3-4b': dict(family='gemma', version=3, vocab_size=262208, d_model=2560, n_layers=34, n_heads=8,
                       n_kv_heads=4, head_dim=256, d_ff=10240, query_pre_attn_scalar=256.0, sliding_window=1024,
                       sliding_pattern=6, rope_theta=1_000_000.0, rope_linear_factor=8.0, attn_softcap=0.0,
@@ -59,9 +63,10 @@ RUN_PRESETS = {
     'gemma3-1b': (512, 4096, 100_000, 3e-4),
     'gemma3-4b': (1024, 4096, 250_000, 3e-4),
     'mixtral-8x7b': (1024, 4096, 250_000, 3e-4),
+    'qwen3-30b-a3b': (1024, 4096, 250_000, 3e-4),
 }
 ACCELERATOR_SIZES = ('small', '1b', '7b', '8b', 'gemma2-2b', 'gemma2-9b', 'gemma3-1b', 'gemma3-4b',
-                     'mixtral-8x7b')  # bfloat16
+                     'mixtral-8x7b', 'qwen3-30b-a3b')  # bfloat16
 LARGE_SIZES = ACCELERATOR_SIZES[1:]  # scanned layers, full remat
 
 # Logical axis -> mesh axes. Order is priority: flax assigns a mesh axis to the

@@ -50,9 +50,9 @@ def _expected_shapes(m):
              "['attn']['v']['kernel']": (D, K, Dh), "['attn']['o']['kernel']": (H, Dh, D),
              "['mlp']['gate']['kernel']": (D, F), "['mlp']['up']['kernel']": (D, F),
              "['mlp']['down']['kernel']": (F, D), "['attn_norm']['scale']": (D,), "['mlp_norm']['scale']": (D,)}
-    if m.family == 'qwen3' or m.get('version') == 3:  # per-head RMSNorm of queries and keys (Qwen3, Gemma 3)
+    if m.family in ('qwen3', 'qwen3_moe') or m.get('version') == 3:  # per-head RMSNorm of queries and keys (Qwen3, Gemma 3)
       layer.update({"['attn']['q_norm']['scale']": (Dh,), "['attn']['k_norm']['scale']": (Dh,)})
-    if m.family == 'mixtral':  # a router and E experts in place of the MLP
+    if m.family in ('mixtral', 'qwen3_moe'):  # a router and E experts in place of the MLP
       E = m.n_experts
       layer = {k: v for k, v in layer.items() if not k.startswith("['mlp']")}
       layer.update({"['mlp']['router']['kernel']": (D, E), "['mlp']['gate']": (E, D, F), "['mlp']['up']": (E, D, F),
@@ -77,7 +77,7 @@ def test_config_file_builds_the_preset_shapes(path):
 @pytest.mark.parametrize('size,family', [('test', 'llama'), ('tiny', 'llama'), ('small', 'llama'), ('1b', 'llama'),
                                          ('7b', 'llama'), ('8b', 'llama'), ('tiny', 'qwen3'), ('8b', 'qwen3'),
                                          ('gemma2-2b', 'llama'), ('gemma3-4b', 'llama'), ('mixtral-8x7b', 'llama'),
-                                         ('test', 'mixtral')])
+                                         ('test', 'mixtral'), ('qwen3-30b-a3b', 'llama'), ('test', 'qwen3_moe')])
 def test_every_preset_builds_its_shapes(size, family):
   from configs import pretrain
   m = pretrain.get_config(f'size={size},family={family}').model
@@ -86,9 +86,10 @@ def test_every_preset_builds_its_shapes(size, family):
 
 @pytest.mark.parametrize('size,count', [('7b', 6_738_415_616), ('8b', 8_030_261_248), ('gemma2-2b', 2_614_341_888),
                                         ('gemma2-9b', 9_241_705_984), ('gemma3-1b', 999_885_952),
-                                        ('gemma3-4b', 3_880_263_168), ('mixtral-8x7b', 46_702_792_704)])
+                                        ('gemma3-4b', 3_880_263_168), ('mixtral-8x7b', 46_702_792_704),
+                                        ('qwen3-30b-a3b', 30_532_122_624)])
 def test_large_preset_parameter_counts(size, count):
-  """Llama-2-7B, Llama-3-8B, Gemma 2 2B / 9B, Gemma 3 1B / 4B (its text decoder) and Mixtral 8x7B,
+  """Llama-2-7B, Llama-3-8B, Gemma 2 2B / 9B, Gemma 3 1B / 4B (its text decoder), Mixtral 8x7B and Qwen3-30B-A3B,
   as their model cards and transformers count them."""
   from configs import pretrain
   assert sum(math.prod(s) for s in _shapes(pretrain.get_config(f"size={size}").model).values()) == count  # python ints: no int32 overflow

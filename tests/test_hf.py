@@ -66,6 +66,14 @@ def _families():
       'mixtral_top3_tied': transformers.MixtralConfig(**common, num_key_value_heads=2, head_dim=24,
                                                       num_local_experts=6, num_experts_per_tok=3,
                                                       tie_word_embeddings=True, rope_theta=1e6),
+      # Qwen3-MoE: q/k norms, experts narrower than hidden, top-k weights renormalised or not.
+      'qwen3_moe_norm': transformers.Qwen3MoeConfig(**common, num_key_value_heads=2, head_dim=24, num_experts=6,
+                                                    num_experts_per_tok=2, moe_intermediate_size=40,
+                                                    norm_topk_prob=True),
+      'qwen3_moe_raw_top4': transformers.Qwen3MoeConfig(**{**common, 'num_hidden_layers': 3}, num_key_value_heads=4,
+                                                        num_experts=8, num_experts_per_tok=4,
+                                                        moe_intermediate_size=32, norm_topk_prob=False,
+                                                        tie_word_embeddings=True),
       'gemma3_mha': transformers.Gemma3TextConfig(
           **common, num_key_value_heads=4, head_dim=32, query_pre_attn_scalar=32, sliding_window=10,
           layer_types=['sliding_attention', 'full_attention']),
@@ -185,7 +193,7 @@ def test_unsupported_fields_raise(tmp_path):
 
 @pytest.mark.parametrize('name,family', [('llama3_gqa_scaled', 'llama'), ('qwen3_gqa_headdim', 'qwen3'),
                                          ('gemma2_tight_caps', 'gemma'), ('gemma3_linear_rope', 'gemma'),
-                                         ('mixtral_top2', 'mixtral')])
+                                         ('mixtral_top2', 'mixtral'), ('qwen3_moe_norm', 'qwen3_moe')])
 def test_init_from_hf_starts_from_those_weights(name, family, tmp_path, test_config, tok):
   """Step-0 eval loss of a run with init_from=hf:<dir> equals the HF model's loss;
   the run takes the checkpoint's family and architecture."""

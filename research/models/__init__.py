@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from research import losses
 from research.errors import UserError
-from research.models import gemma, llama, mixtral, moe, qwen3
+from research.models import gemma, llama, mixtral, moe, qwen3, qwen3_moe
 from research.models.layers import LoraConfig, count_params
 
 FAMILIES: dict[str, ModuleType] = {
@@ -34,6 +34,7 @@ FAMILIES: dict[str, ModuleType] = {
     'qwen3': qwen3,
     'gemma': gemma,  # Gemma 2, Gemma 3 (text)
     'mixtral': mixtral,  # Mixture of Experts
+    'qwen3_moe': qwen3_moe,  # Mixture of Experts with Qwen3's attention
 }
 # Top-level modules a head adds that a language model lacks (head='score', value_head):
 # loading a language model's weights leaves them at their init, and LoRA trains them in full.

@@ -53,6 +53,10 @@ class Config(llama.Config):
   def layer_windows(self) -> tuple[int, ...]:
     return (self.sliding_window,) * self.n_layers
 
+  def normalize_top_k(self) -> bool:
+    """Whether a token's k expert weights are renormalised to sum to 1 (Mixtral: always)."""
+    return True
+
   def validate(self) -> 'Config':
     """Llama's checks and the router's."""
     if not 1 <= self.experts_per_token <= self.n_experts:
@@ -98,7 +102,7 @@ class Block(llama.Block):
     valid_BT = jnp.any(mask_B1TS[:, 0], axis=-1)  # a padding token attends to nothing
     return moe.MoE(cfg.n_experts, cfg.experts_per_token, cfg.d_model, cfg.d_ff, cfg.capacity_factor,
                    dtype=cfg.dtype, param_dtype=cfg.param_dtype, init_std=cfg.init_std, lora=self.lora,
-                   name='mlp')(h_BTD, valid_BT)
+                   normalize_top_k=cfg.normalize_top_k(), name='mlp')(h_BTD, valid_BT)
 
 
 class Model(llama.Model):

@@ -45,11 +45,13 @@ from research.models.layers import Linear, LoraConfig, swiglu
 COLLECTION = 'moe'  # the sown collection models.with_router_losses reads
 
 
-def route(router_logits_BTE: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(probs_BTE, top-k expert ids [B, T, k], their weights [B, T, k] summing to 1)."""
+def route(router_logits_BTE: jax.Array, k: int, normalize: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(probs_BTE, top-k expert ids [B, T, k], their weights [B, T, k]): the top-k
+  probabilities, renormalised to sum to 1 unless `normalize` is False (Qwen3-MoE's
+  norm_topk_prob=False)."""
   probs_BTE = jax.nn.softmax(router_logits_BTE.astype(jnp.float32), axis=-1)
   top_p, top_i = jax.lax.top_k(probs_BTE, k)
-  return probs_BTE, top_i, top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+  return probs_BTE, top_i, top_p / jnp.sum(top_p, axis=-1, keepdims=True) if normalize else top_p
 
 
 def load_balancing_loss(probs_BTE: jax.Array, experts_BTK: jax.Array, valid_BT: jax.Array) -> jax.Array:
@@ -108,6 +110,7 @@ class MoE(nn.Module):
   init_std: float = 0.02
   lora: LoraConfig | None = None  # reaches the router only (expert weights have no adapters)
   activation: str = 'silu'
+  normalize_top_k: bool = True  # the k weights renormalised to sum to 1 (route)
 
   def _experts(self, name, shape, axes):
     w = quant.param(self, name, nn.with_logical_partitioning(nn.initializers.normal(self.init_std), axes), shape,
@@ -124,7 +127,7 @@ class MoE(nn.Module):
     E, K, D, F = self.n_experts, self.experts_per_token, self.d_model, self.d_ff
     logits_BTE = Linear((E,), ('embed', None), dtype=self.dtype, param_dtype=self.param_dtype,
                         init_std=self.init_std, lora=self.lora, f32_output=True, name='router')(x_BTD)
-    probs_BTE, experts_BTK, weights_BTK = route(logits_BTE, K)
+    probs_BTE, experts_BTK, weights_BTK = route(logits_BTE, K, self.normalize_top_k)
     self.sow(COLLECTION, 'aux_loss', load_balancing_loss(probs_BTE, experts_BTK, valid_BT))
     gate_EDF = self._experts('gate', (E, D, F), ('expert', 'embed', 'mlp'))
     up_EDF = self._experts('up', (E, D, F), ('expert', 'embed', 'mlp'))
