@@ -11,17 +11,22 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_8b_dry_run_with_fsdp8(tmp_path):
+def _plan(workdir, size: str, *flags: str) -> tuple[str, dict]:
+  """(stdout, JSON report) of `research.main` planning the pretrain preset `size`
+  with config.dry_run and `flags` (mesh sizes and such)."""
   env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)  # the dry run itself asks for the 8 fake devices the mesh needs
-  workdir = tmp_path / 'plan'
-  r = subprocess.run([sys.executable, '-m', 'research.main', '--config=configs/pretrain.py:size=8b',
-                      f'--workdir={workdir}', '--config.dry_run=True', '--config.mesh.data=1',
-                      '--config.mesh.fsdp=8'],
+  env.pop('XLA_FLAGS', None)  # the dry run itself asks for the fake devices the mesh needs
+  r = subprocess.run([sys.executable, '-m', 'research.main', f'--config=configs/pretrain.py:size={size}',
+                      f'--workdir={workdir}', '--config.dry_run=True', '--config.mesh.data=1', *flags],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert '8.03B parameters' in r.stdout
-  report = json.loads(r.stdout.strip().splitlines()[-1])
+  return r.stdout, json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_8b_dry_run_with_fsdp8(tmp_path):
+  workdir = tmp_path / 'plan'
+  stdout, report = _plan(workdir, '8b', '--config.mesh.fsdp=8')
+  assert '8.03B parameters' in stdout
   # Llama 3 8B: 8,030,261,248 parameters in fp32, split 8 ways over fsdp but for the
   # 65 norm scales [4096] (replicated); AdamW's two moments twice that, plus two
   # int32 step counts (Adam's and the learning-rate schedule's).
@@ -36,14 +41,7 @@ def test_8b_dry_run_with_fsdp8(tmp_path):
 def test_gemma_presets_plan_on_fsdp8(size, count, tmp_path):
   """The Gemma presets (scanned sliding/global layers, soft-capping, GeGLU, q/k norms)
   compile for 8 devices and count the published parameters."""
-  env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)
-  r = subprocess.run([sys.executable, '-m', 'research.main', f'--config=configs/pretrain.py:size={size}',
-                      f'--workdir={tmp_path / "plan"}', '--config.dry_run=True', '--config.mesh.data=1',
-                      '--config.mesh.fsdp=8', '--config.batch_size=8'],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  report = json.loads(r.stdout.strip().splitlines()[-1])
+  _, report = _plan(tmp_path / 'plan', size, '--config.mesh.fsdp=8', '--config.batch_size=8')
   assert report['params'] == count and report['logits_held_bytes_per_device'] < report['logits_bytes_per_device']
 
 
@@ -51,16 +49,9 @@ def test_mixtral_plans_its_experts_over_the_expert_axis(tmp_path):
   """Mixtral 8x7B on fsdp=2 x expert=4: the published parameter count, and each
   device holds an eighth of the expert weights (experts over `expert`, their
   model dimension over `fsdp`)."""
-  env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)
-  r = subprocess.run([sys.executable, '-m', 'research.main', '--config=configs/pretrain.py:size=mixtral-8x7b',
-                      f'--workdir={tmp_path / "plan"}', '--config.dry_run=True', '--config.mesh.data=1',
-                      '--config.mesh.fsdp=2', '--config.mesh.expert=4', '--config.batch_size=8',
-                      '--config.seq_len=1024'],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert 'experts per device' in r.stdout
-  report = json.loads(r.stdout.strip().splitlines()[-1])
+  stdout, report = _plan(tmp_path / 'plan', 'mixtral-8x7b', '--config.mesh.fsdp=2', '--config.mesh.expert=4',
+                         '--config.batch_size=8', '--config.seq_len=1024')
+  assert 'experts per device' in stdout
   assert report['params'] == 46_702_792_704
   assert report['expert_bytes_per_device'] == 32 * 8 * 3 * 4096 * 14336 * 4 // 8
 
