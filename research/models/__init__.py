@@ -153,7 +153,11 @@ class _RouterLossTap:
   def apply(self, variables, *args, mutable=False, **kwargs):
     if variables.get('params') is not self._params:
       return self._model.apply(variables, *args, mutable=mutable, **kwargs)
-    asked = [] if mutable is False else list(mutable)
+    if mutable is True:  # every collection: the routers' among them
+      out, state = self._model.apply(variables, *args, mutable=True, **kwargs)
+      self.sown.append(state.get(moe.COLLECTION, {}))
+      return out, state
+    asked = [] if mutable is False else [mutable] if isinstance(mutable, str) else list(mutable)
     out, state = self._model.apply(variables, *args, mutable=asked + [moe.COLLECTION], **kwargs)
     state = dict(state)
     self.sown.append(state.pop(moe.COLLECTION, {}))

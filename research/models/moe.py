@@ -17,6 +17,9 @@ Dispatch (`capacity_factor`):
     choices and in order of position within each; a token past an expert's
     capacity skips it (the residual carries the token on). About c * k / E of the
     dropless FLOPs; the share of dropped assignments is sown as `dropped`.
+    Capacity counts the tokens of one forward pass, so a prompt prefilled at once
+    and the same tokens decoded one by one can route differently: RL stages, which
+    compare sampler and trainer log-probabilities, want the dropless dispatch.
 Both are einsums that GSPMD partitions. Expert weights [E, ...] carry the
 logical axis 'expert' (config.sharding_rules maps it to the mesh's `expert`
 axis), so each device holds and runs E / n of them; inside the layer the
