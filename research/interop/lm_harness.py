@@ -82,14 +82,18 @@ class ResearchLM(LM):
   def generate_until(self, requests) -> list[str]:
     """Greedy continuations (sampled when do_sample with a temperature), cut
     before the first `until` string; at most max_gen_toks tokens, stopping at eos."""
-    out = []
+    texts = [''] * len(requests)
     for start in range(0, len(requests), self.batch_size):
-      chunk = requests[start:start + self.batch_size]
-      for kwargs in {repr(r.args[1]): r.args[1] for r in chunk}.values():  # one call per distinct setting
-        group = [r for r in chunk if r.args[1] == kwargs]
-        out += list(zip([id(r) for r in group], self._generate([r.args[0] for r in group], kwargs)))
-    texts = dict(out)
-    return [texts[id(r)] for r in requests]
+      idx = range(start, min(start + self.batch_size, len(requests)))
+      settings = []  # the distinct generation settings of this chunk, one call each
+      for i in idx:
+        if requests[i].args[1] not in settings:
+          settings.append(requests[i].args[1])
+      for kwargs in settings:
+        group = [i for i in idx if requests[i].args[1] == kwargs]
+        for i, text in zip(group, self._generate([requests[i].args[0] for i in group], kwargs)):
+          texts[i] = text
+    return texts
 
   def _generate(self, contexts: list[str], kwargs: dict) -> list[str]:
     until = kwargs.get('until') or []
