@@ -15,11 +15,14 @@ two codes packed per byte: 4.5 bits per weight with the float32 absmax (no
 double quantization of the absmax, which would save another 0.37 bits).
 int8: round(127 * w / absmax), 8.5 bits per weight.
 
-Written in the project rather than taken from `qwix`: qwix quantizes a
-model's matmuls through its own interception of Flax modules (and was not
-installable offline here), while this needs only a storage format for frozen
-weights and a dequantize at the point of use, 100 lines that tests check
-against a numpy reference.
+Written in the project rather than taken from `qwix` (which has NF4 and a
+QLoRA path): qwix's LoRA and quantization work by intercepting the Flax model's
+operations (qwix.quantize_model / apply_lora_to_model) with its own adapter
+parameters, which would replace this project's LoRA (Linear's adapters, the
+split trainable / frozen trees, merge and export). What is needed here is only
+a storage format for the frozen tree and a dequantize at the point of use; a
+short module that tests check against a numpy reference. qwix's QArray could
+become that storage format later, at the price of a dependency.
 """
 
 from __future__ import annotations
