@@ -61,7 +61,17 @@ def _signal_at(step, signum):
   return Hook(1, fn)
 
 
-def test_sigint_in_process_saves_the_step_and_restores_handlers(test_config, tmp_path, capsys):
+@pytest.fixture
+def sigint_default():
+  """SIGINT handled as in an interactive Python, whatever launched the tests: a
+  shell's background job (`cmd &`, nohup) starts with SIGINT ignored, which the
+  loop rightly keeps ignored."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_in_process_saves_the_step_and_restores_handlers(test_config, tmp_path, capsys, sigint_default):
   before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   c = test_config(steps=8, log_every=5, checkpoint_every=100, eval_every=100)
   _train(c, tmp_path, [_signal_at(3, signal.SIGINT)])
