@@ -119,14 +119,15 @@ def flops_per_token(cfg: Config, seq_len: int) -> float:
   return active + 6.0 * cfg.n_layers * cfg.d_model * cfg.n_experts
 
 
-def hf_param_map(cfg: Config) -> tuple[list, list]:
+def hf_param_map(cfg: Config, *, router: str = 'block_sparse_moe.gate.weight',
+                 experts: str = 'block_sparse_moe.experts.{e}',
+                 gate_up_down: tuple[str, str, str] = ('w1', 'w3', 'w2')) -> tuple[list, list]:
   """Llama's attention and norm rows, the router, and per-expert rows ('{e}' in
-  the HF name: stacked on axis 0 of ours). w1 is the gate, w3 up, w2 down."""
+  the HF name: stacked on axis 0 of ours). Mixtral names the gate w1, up w3 and
+  down w2; another MoE family passes its own names (qwen3_moe.py)."""
   top, layer = llama.hf_param_map(cfg)
   layer = [row for row in layer if row[0][0] != 'mlp']
-  experts = 'block_sparse_moe.experts.{e}'
-  layer += [(('mlp', 'router', 'kernel'), 'block_sparse_moe.gate.weight', *TRANSPOSE),
-            (('mlp', 'gate'), f'{experts}.w1.weight', *TRANSPOSE),
-            (('mlp', 'up'), f'{experts}.w3.weight', *TRANSPOSE),
-            (('mlp', 'down'), f'{experts}.w2.weight', *TRANSPOSE)]
+  layer += [(('mlp', 'router', 'kernel'), router, *TRANSPOSE)]
+  layer += [(('mlp', ours), f'{experts}.{theirs}.weight', *TRANSPOSE)
+            for ours, theirs in zip(('gate', 'up', 'down'), gate_up_down)]
   return top, layer

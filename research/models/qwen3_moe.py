@@ -82,13 +82,8 @@ class Model(mixtral.Model):
 
 def hf_param_map(cfg: Config) -> tuple[list, list]:
   """Mixtral's rows under Qwen3-MoE's names, plus each layer's q/k norms."""
-  top, layer = mixtral.hf_param_map(cfg)
-  layer = [row for row in layer if row[0][0] != 'mlp']
-  experts = 'mlp.experts.{e}'
-  layer += [(('mlp', 'router', 'kernel'), 'mlp.gate.weight', *TRANSPOSE),
-            (('mlp', 'gate'), f'{experts}.gate_proj.weight', *TRANSPOSE),
-            (('mlp', 'up'), f'{experts}.up_proj.weight', *TRANSPOSE),
-            (('mlp', 'down'), f'{experts}.down_proj.weight', *TRANSPOSE),
-            (('attn', 'q_norm', 'scale'), 'self_attn.q_norm.weight', *SAME),
+  top, layer = mixtral.hf_param_map(cfg, router='mlp.gate.weight', experts='mlp.experts.{e}',
+                                    gate_up_down=('gate_proj', 'up_proj', 'down_proj'))
+  layer += [(('attn', 'q_norm', 'scale'), 'self_attn.q_norm.weight', *SAME),
             (('attn', 'k_norm', 'scale'), 'self_attn.k_norm.weight', *SAME)]
   return top, layer
