@@ -121,12 +121,20 @@ def model_config(size: str, family: str = 'llama') -> ml_collections.ConfigDict:
 def apply_mode(c: ml_collections.ConfigDict, mode: str, *, tiny: dict, large: dict) -> None:
   """mode=full leaves `c` as it is; mode=lora turns on LoRA with the preset for
   the size (`tiny` for size=tiny, else `large`): dicts of rank, alpha, lr and
-  optionally targets (the optimizer's learning rate changes with LoRA)."""
+  optionally targets (the optimizer's learning rate changes with LoRA).
+
+  mode=qlora is QLoRA's recipe (Dettmers et al., 2023): the frozen base in NF4
+  and adapters on every linear layer of the blocks (`all_linear`, which the
+  paper finds necessary to match 16-bit LoRA), with the preset's optional
+  'qlora' dict overriding its other fields (e.g. a higher rank)."""
   if mode == 'full':
     return
-  if mode != 'lora':
-    raise ValueError(f'mode={mode!r}; choose full or lora')
-  preset = tiny if c.size == 'tiny' else large
+  if mode not in ('lora', 'qlora'):
+    raise ValueError(f'mode={mode!r}; choose full, lora or qlora')
+  preset = dict(tiny if c.size == 'tiny' else large)
+  if mode == 'qlora':
+    preset.update(targets='all_linear', **preset.pop('qlora', {}))
+    c.lora.quantize_base = 'nf4'
   c.lora.rank, c.lora.alpha = preset['rank'], preset['alpha']
   c.lora.targets = preset.get('targets', c.lora.targets)
   c.optimizer.lr = preset['lr']

@@ -13,7 +13,7 @@ answers ranked, every pair of a ranking trained in one batch), or JSONL rows
 (strings or message lists) via data.name=files. dpo.pairs_per_row > 1 packs
 rows with up to that many pairs (batch_size then counts rows of seq_len tokens);
 the tiny preset packs.
-Presets: size=tiny|7b|8b, mode=full|lora, family=llama|qwen3.
+Presets: size=tiny|7b|8b, mode=full|lora|qlora, family=llama|qwen3.
 """
 
 import ml_collections

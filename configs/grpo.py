@@ -5,7 +5,7 @@ The CPU demo (after SFT wrote runs/sft):
     python -m research.main --config=configs/grpo.py:size=tiny --workdir=runs/grpo \
         --config.init_from=runs/sft
 
-Presets: size=tiny|7b|8b, mode=full|lora, family=llama|qwen3, and algo:
+Presets: size=tiny|7b|8b, mode=full|lora|qlora, family=llama|qwen3, and algo:
   grpo    std-normalised group advantages, per-sequence mean, KL 0.04 (Shao et al., 2024)
   drgrpo  no std division, sum over tokens / (batch x max_new_tokens), no KL (Liu et al., 2025)
   dapo    clip-higher 0.28, token mean, dynamic sampling, soft overlong penalty, no KL (Yu et al., 2025)

@@ -6,7 +6,7 @@ The CPU demo (after `make run` wrote runs/sft and runs/reward):
     python -m research.main --config=configs/ppo.py:size=tiny --workdir=runs/ppo \
         --config.init_from=runs/sft --config.ppo.rewards="('reward_model:runs/reward',)"
 
-Presets: size=tiny|7b|8b, mode=full|lora, family=llama|qwen3.
+Presets: size=tiny|7b|8b, mode=full|lora|qlora, family=llama|qwen3.
 Rewards: ppo.rewards as in configs/grpo.py (the default is the reward model of
 runs/reward); batch_size counts replies (num_generations per prompt).
 """

@@ -13,7 +13,7 @@ starts random. Data as in configs/dpo.py: 'pref_tasks' + 'pref_code',
 trains all its K(K-1)/2 pairs in one batch, as InstructGPT's reward model).
 reward.pairs_per_row > 1 packs rows (the tiny preset does). Logs eval/accuracy.
 Load the result for online RL with research.rewards.load_reward_model.
-Presets: size=tiny|7b|8b, mode=full|lora, family=llama|qwen3.
+Presets: size=tiny|7b|8b, mode=full|lora|qlora, family=llama|qwen3.
 """
 
 import ml_collections

@@ -7,7 +7,8 @@ The CPU demo (after `configs/pretrain.py:size=tiny` wrote runs/pretrain):
 
 LoRA instead of full fine-tuning: --config.lora.rank=8 (targets: attention |
 all_linear | a regex). From a HF checkpoint: --config.init_from=hf:/path/to/llama.
-Presets: size=tiny|7b|8b, mode=full|lora, family=llama|qwen3.
+Presets: size=tiny|7b|8b, mode=full|lora|qlora (NF4 base, adapters on all linear layers),
+family=llama|qwen3.
 
 Data: data.name is one dataset or several joined by '+', mixed by
 data.mix_weights: 'sft_tasks' (generated tasks with exact answers), 'sft_code'
@@ -49,6 +50,8 @@ def get_config(arg=None):
     c.seq_len = 2048
     c.batch_size = 128
   base.apply_mode(c, args['mode'],
-                  tiny=dict(rank=8, alpha=16.0, targets='attention_up_down', lr=1e-2),
+                  # qlora: rank 16 on every linear layer, 2 points from the same on a
+                  # float32 base (experiments/results/qlora.md).
+                  tiny=dict(rank=8, alpha=16.0, targets='attention_up_down', lr=1e-2, qlora=dict(rank=16)),
                   large=dict(rank=16, alpha=32.0, targets='all_linear', lr=2e-4))
   return c

@@ -34,7 +34,27 @@ import sys
 import time
 
 from experiments import plot
+from experiments.benchmarks import train_step
 from research.training.metrics import read_metrics
+
+# Seconds per stage of `make run` alone on a 2-core AMD EPYC VM (family 25, model
+# 17, AVX-512) whose float32 matmul peak (`make bench`'s) was REF_PEAK_GFLOPS;
+# the estimate printed at the start scales them by that peak against this
+# machine's. A rough guide (the stages are not pure matmul: on an AVX2-only VM
+# with 0.82x the peak, pretraining took 1.45x as long), not a promise.
+STAGE_SECONDS = {'pretrain': 493, 'sft': 592, 'evaluate': 10, 'dpo': 104, 'reward': 129, 'grpo': 173,
+                 'ppo': 241}
+REF_PEAK_GFLOPS = 201.7
+
+
+def estimate_seconds(peak_gflops: float, parallel: bool) -> float:
+  """Estimated wall seconds of the whole pipeline on a machine whose float32
+  matmul peak is `peak_gflops` (with --parallel, DPO, reward and GRPO overlap)."""
+  total = sum(STAGE_SECONDS.values())
+  if parallel:
+    total -= sum(STAGE_SECONDS[s] for s in ('dpo', 'reward', 'grpo')) - max(
+        STAGE_SECONDS[s] for s in ('dpo', 'reward', 'grpo'))
+  return total * REF_PEAK_GFLOPS / peak_gflops
 
 
 def run_stage(config: str, workdir: str, *overrides: str, log: str = '') -> list[dict]:
@@ -87,6 +107,10 @@ def main() -> None:
   pre_dir, sft_dir, dpo_dir, rm_dir, grpo_dir, ppo_dir = (
       os.path.join(args.runs, s) for s in ('pretrain', 'sft', 'dpo', 'reward', 'grpo', 'ppo'))
 
+  peak = train_step.measure_peak_gflops()
+  print(f'estimated total: {estimate_seconds(peak, args.parallel) / 60:.0f} min on this machine (float32 matmul '
+        f'peak {peak:.0f} GFLOP/s; {sum(STAGE_SECONDS.values()) / 60:.0f} min measured at {REF_PEAK_GFLOPS:.0f}); '
+        're-running resumes finished stages', flush=True)
   pre = run_stage('configs/pretrain.py:size=tiny', pre_dir)
   sft = run_stage('configs/sft.py:size=tiny', sft_dir, f'--config.init_from={pre_dir}')
   # The evaluation command on the finished checkpoint: it must give the stage's own number.

@@ -207,6 +207,32 @@ def test_dot_product_attention_impl_matches_einsum():
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('heads,kv_heads', [(4, 4), (4, 2), (6, 1)])
+def test_einsum_attention_matches_plain_softmax_attention_and_its_gradients(heads, kv_heads):
+  """einsum_attention (grouped layouts, hand-written softmax backward) against
+  autodiff of plain softmax attention with repeated kv heads, with two packed
+  segments, a padding query row (fully masked) and causality."""
+  B, T, Dh = 2, 9, 8
+  ks = jax.random.split(jax.random.PRNGKey(3), 4)
+  q = jax.random.normal(ks[0], (B, T, heads, Dh))
+  k, v = (jax.random.normal(kk, (B, T, kv_heads, Dh)) for kk in ks[1:3])
+  g = jax.random.normal(ks[3], (B, T, heads, Dh))
+  seg = np.array([[1] * 5 + [2] * 3 + [0], [1] * 9])
+  mask = jnp.asarray((seg[:, :, None] == seg[:, None, :]) & np.tril(np.ones((T, T), bool))
+                     & (seg[:, :, None] > 0))[:, None]
+
+  def plain(q, k, v):
+    k, v = (jnp.repeat(x, heads // kv_heads, axis=2) for x in (k, v))
+    s = jnp.where(mask, jnp.einsum('bthd,bshd->bhts', q, k) / np.sqrt(Dh), layers.MASK_VALUE)
+    return jnp.einsum('bhts,bshd->bthd', jax.nn.softmax(s, axis=-1), v)
+
+  got, got_vjp = jax.vjp(lambda *a: layers.einsum_attention(*a, mask, jnp.float32), q, k, v)
+  want, want_vjp = jax.vjp(plain, q, k, v)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  for a, b in zip(got_vjp(g), want_vjp(g)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-6)
+
+
 def test_hand_written_backward_rules_match_autodiff():
   """The custom VJPs (softmax, SwiGLU: written for XLA:CPU speed) against
   autodiff of the plain formulas, on random inputs and cotangents."""

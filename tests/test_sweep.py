@@ -118,6 +118,7 @@ def test_pipeline_leaves_a_summary_picture_of_every_stage(tmp_path, monkeypatch,
   rows = [dict({k: 0.5 + 0.1 * step for k in keys}, step=step) for step in (0, 10, 20)]
   monkeypatch.setattr(pipeline, 'run_stage', lambda *a, **kw: rows)
   monkeypatch.setattr(pipeline, 'evaluate_run', lambda *a: {'heldout': {'exact_match': 0.7}})
+  monkeypatch.setattr(pipeline.train_step, 'measure_peak_gflops', lambda: pipeline.REF_PEAK_GFLOPS / 2)
   monkeypatch.setattr(sys, 'argv', ['pipeline', f'--runs={tmp_path}'])
   drawn = []
   real = plot.plot_stages
@@ -127,4 +128,6 @@ def test_pipeline_leaves_a_summary_picture_of_every_stage(tmp_path, monkeypatch,
   assert _png_ok(str(tmp_path / 'summary.png'))
   printed = capsys.readouterr().out
   assert 'ppo: held-out reward-model score' in printed
+  # A machine with half the reference matmul peak: twice the measured stage times.
+  assert f'estimated total: {2 * sum(pipeline.STAGE_SECONDS.values()) / 60:.0f} min' in printed
   assert 'research.evaluate on its checkpoint: 70.0% (DIFFERS' in printed  # the stand-in stage logged 2.5

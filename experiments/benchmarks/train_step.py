@@ -115,6 +115,12 @@ def part_peak(gpu: bool) -> dict:
   return {'peak_flops': 2 * n ** 3 / sec, 'dtype': jnp.dtype(dtype).name}
 
 
+def measure_peak_gflops() -> float:
+  """This machine's float32 matmul peak in GFLOP/s (`part_peak`, in a subprocess so
+  that the caller does not start a JAX client of its own)."""
+  return _run_part('peak')['peak_flops'] / 1e9
+
+
 def compiled_step(model_fields, batch, seq, dtype='float32', stage='pretrain', lora_rank=0, quantize_base=''):
   """(trainer, state, frozen, global batch, compiled train step, compile seconds) for
   the project's jitted train step of `stage` (pretrain, or sft: every token in the
