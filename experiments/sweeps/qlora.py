@@ -12,23 +12,27 @@ match on the 300 held-out generated tasks; wall time is the whole stage
 
     python -m experiments.sweep --sweep=experiments/sweeps/qlora.py [--set init_from=OTHER]
 
-Measured 2026-12-01 on the 2-core VM; one seed per row. **With QLoRA's recipe the
-NF4 base costs 2.0 points** (88.7% -> 86.7%, eval loss +0.007; issue 16 asks for at
-most 3). With the LoRA preset's layout it costs 10 points at rank 8 (73.7 -> 63.7)
-and at rank 16 (80.3 on float32, experiments/results/sft_lora.md -> 70.0), nearly
-all in `add`, whose accuracy is still climbing steeply at step 1200, although the
-loss cost is as small (0.0076 nats at step 0, 0.014 at step 1200): adapters on
-every matrix, the gate included, can absorb the quantization error of each; on
-fewer matrices the error of the others stays. Per family (float32 -> NF4,
-all_linear r16): add 78 -> 67, reverse 100 -> 100, sort 88 -> 93; a second seed
-was not run, so the 2-point gap carries the run-to-run spread of single runs.
-The first three rows' wall times were measured while `make run` shared the cores.
+Measured 2026-12-01 on the 2-core VM. **With QLoRA's recipe, over two seeds, the
+NF4 base averages 88.2% against 79.0% on the float32 base** (held-out loss 1.9164
+against 1.9243): within issue 16's 3 points, on NF4's side. The spread between
+seeds is larger than any quantization cost: on the float32 base seed 0 gives 88.7%
+and seed 1 69.3% (add 78% against 14%), NF4 86.7% and 89.7%. Additions are learned
+late in the 1200 steps, and whether they are by the end decides the number.
+The preset's layout (rank 8 on six matrices) was measured with one seed: 73.7% ->
+63.7% with NF4, nearly all in add (38% -> 10%), and at rank 16 80.3%
+(experiments/results/sft_lora.md) -> 70.0%. Read against the seed spread above,
+those gaps say little about quantization; the loss cost is small at every rank
+(0.0076 nats at step 0, int8 0.0005; 0.014 at step 1200). The first three rows'
+wall times were measured while `make run` shared the cores, the seed-1 rows while
+another run did.
 """
 
 CONFIG = 'configs/sft.py:size=tiny,mode=lora'
 POINTS = [{}, {'lora.quantize_base': 'nf4'}, {'lora.rank': 16, 'lora.quantize_base': 'nf4'},
-          {'lora.rank': 16, 'lora.targets': 'all_linear'},
-          {'lora.rank': 16, 'lora.targets': 'all_linear', 'lora.quantize_base': 'nf4'}]
+          {'lora.rank': 16, 'lora.targets': 'all_linear', 'seed': 0},
+          {'lora.rank': 16, 'lora.targets': 'all_linear', 'lora.quantize_base': 'nf4', 'seed': 0},
+          {'lora.rank': 16, 'lora.targets': 'all_linear', 'seed': 1},
+          {'lora.rank': 16, 'lora.targets': 'all_linear', 'lora.quantize_base': 'nf4', 'seed': 1}]
 SET = {'init_from': 'runs/pretrain'}
 METRIC = 'eval/exact_match'
 OUT = 'runs/qlora'
