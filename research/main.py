@@ -8,7 +8,9 @@ explicit launch give every process the same --coordinator_address and
 --num_processes, and its own --process_id.
 
 User errors (config, environment, data) print one line and exit with status 2;
-so do OS errors the user fixes (a full disk, a read-only workdir).
+so do OS errors the user fixes (a full disk, a read-only workdir). In a
+multi-process run, an error on one process stops every process within a second,
+each printing that line (research/training/failstop.py).
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import errno
 import math
 import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from research.training import failstop
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Stage config file[:arg].', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (created; re-running resumes).')
@@ -71,19 +76,31 @@ def main(argv):
     if config.dry_run:
       simulate_devices_for_dry_run(config)
     init_distributed()
+    watcher = failstop.start_watcher()  # another process's error stops this one too
     from research import stages  # pylint: disable=import-outside-toplevel
     from research.training import init, loop  # pylint: disable=import-outside-toplevel
     config = init.resolve_config(config)  # init_from=hf:<dir> decides the architecture
     loop.train(config, _WORKDIR.value, stages.get(config.stage)(config))
+    if watcher is not None:
+      watcher.set()
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    failstop.stop_all_processes(f'error: {e}', 2)
   except OSError as e:
     message = environment_error(e)
     if message is None:
-      raise
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
+      _stop_on_crash(e)
+    failstop.stop_all_processes(f'error: {message}', 2)
+  except Exception as e:  # pylint: disable=broad-except  # a bug or a crash: the others must not hang
+    _stop_on_crash(e)
+
+
+def _stop_on_crash(e: BaseException) -> None:
+  """A crash (not a user error): re-raised in a single process; in a
+  multi-process run, the traceback, then every process stops (failstop)."""
+  if not failstop.multi_process():
+    raise e
+  traceback.print_exc()
+  failstop.stop_all_processes(f'error: {type(e).__name__}: {e}'.splitlines()[0], 1)
 
 
 def environment_error(e: OSError) -> str | None:

@@ -7,6 +7,7 @@
     loop.py        train(): the loop and its hooks (log, checkpoint, evaluate, samples)
     dry_run.py     compile on abstract inputs and report memory and FLOPs
     validate.py    run checks before compiling
+    failstop.py    one process's error stops every process of a multi-process run
     sharding.py, checkpoint.py, metrics.py, optimizer.py, state.py
 
 Nothing here imports research.stages: research/main.py picks the stage and

@@ -1,0 +1,117 @@
+"""Fail-stop for multi-process runs: one process's error stops every process, at once.
+
+Without it, a process that exits on an error only it meets (a user error, a
+bug, a full local disk, an out-of-memory) leaves the others blocked in their
+next collective, and jax.distributed's shutdown barrier holds the failing
+process too: all of them hang for `shutdown_timeout_seconds` (5 minutes), then
+die with a coordination-service crash dump that does not say what went wrong.
+
+Here the failing process posts its one-line error in the coordination
+service's key-value store (the service every jax.distributed run already has)
+and exits without the shutdown barrier; a watcher thread in every process
+polls that directory and exits the same way, printing which process stopped
+and why. Exiting mid-step is a kill as far as the run directory goes:
+checkpoints are written atomically (orbax), so the run resumes from the last
+complete one, as after a preemption.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import NoReturn
+
+_ERRORS = 'research/failstop/errors/'  # one key per failing process
+_SEEN = 'research/failstop/seen'       # how many other processes have read an error
+POLL_SECONDS = 0.5
+# Process 0 hosts the coordination service: when it fails it waits (at most
+# this long) for the others to read its error before the service goes with it.
+HOST_WAIT_SECONDS = 10.0
+_stopping = threading.Event()  # set by this process's own stop_all_processes
+
+
+def _client():
+  """jax.distributed's coordination-service client, or None for one process.
+  JAX has no public accessor; orbax's multihost utilities read the same object."""
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  return distributed.global_state.client
+
+
+def multi_process() -> bool:
+  """Whether jax.distributed is initialised (a run of several processes)."""
+  return _client() is not None
+
+
+def _process() -> tuple[int, int]:
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  return distributed.global_state.process_id, distributed.global_state.num_processes
+
+
+def _exit_now(code: int) -> NoReturn:
+  """Exits without atexit handlers: jax.distributed's shutdown barrier would wait
+  for processes that are not coming."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
+def _first_error(client) -> str | None:
+  """The error line of the lowest-numbered failed process, if any has posted one."""
+  try:
+    posted = client.key_value_dir_get(_ERRORS)
+  except Exception:  # pylint: disable=broad-except  # the service is gone or busy: poll again
+    return None
+  return min(posted)[1] if posted else None
+
+
+def _watch(client, stop: threading.Event) -> None:
+  me, count = _process()
+  while not stop.wait(POLL_SECONDS):
+    line = None if _stopping.is_set() else _first_error(client)
+    if line is None:
+      continue
+    try:
+      client.key_value_increment(_SEEN, 1)
+    except Exception:  # pylint: disable=broad-except  # only a courtesy to the failed process 0
+      pass
+    print(f'{line}; stopping process {me} of {count} too', file=sys.stderr)
+    _exit_now(2)
+
+
+def start_watcher() -> threading.Event | None:
+  """In a multi-process run, starts the thread that exits this process when
+  another posts an error (stop_all_processes). Returns the event that stops the
+  watcher (set it before a normal exit); None for a single process."""
+  if not multi_process():
+    return None
+  client, stop = _client(), threading.Event()
+  threading.Thread(target=_watch, args=(client, stop), name='failstop', daemon=True).start()
+  return stop
+
+
+def stop_all_processes(line: str, code: int) -> NoReturn:
+  """Prints `line` (the one-line error), posts it for the other processes of a
+  multi-process run, and exits with `code` without waiting for them. A single
+  process just prints and exits."""
+  _stopping.set()  # this process's watcher must not report the error back to it
+  print(line, file=sys.stderr)
+  client = _client()
+  if client is None:
+    sys.exit(code)
+  me, count = _process()
+  try:
+    client.key_value_set(f'{_ERRORS}{me:06d}', f'{line} [process {me} of {count}]')
+  except Exception:  # pylint: disable=broad-except  # another process posted first, or the service is gone
+    _exit_now(code)
+  if me == 0:
+    deadline = time.monotonic() + HOST_WAIT_SECONDS
+    while time.monotonic() < deadline:
+      try:
+        if int(client.key_value_try_get(_SEEN)) >= count - 1:
+          break
+      except Exception:  # pylint: disable=broad-except  # nobody has read it yet
+        pass
+      time.sleep(POLL_SECONDS / 5)
+  _exit_now(code)

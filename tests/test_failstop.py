@@ -1,0 +1,71 @@
+"""One process's error stops every process of a multi-process run at once
+(research/training/failstop.py). Without it the others block in their next
+collective and jax.distributed's shutdown barrier holds everyone for 5 minutes."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.test_multihost import ROOT, _cmd, _env, _free_port
+
+# Process `failing` meets an error after the first collective; the other goes on
+# into the next collective, which can never complete.
+_SCRIPT = textwrap.dedent('''
+    import sys
+    import jax, numpy as np
+    from jax.experimental import multihost_utils
+    from research.training import failstop
+    me, failing, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=me)
+    watcher = failstop.start_watcher()
+    multihost_utils.process_allgather(np.zeros(1))
+    if me == failing:
+      failstop.stop_all_processes('error: the row is malformed; fix it', 2)
+    multihost_utils.process_allgather(np.ones(1))
+    print('passed the collective')
+''')
+
+
+@pytest.mark.parametrize('failing', [1, 0])  # 0 also hosts the coordination service
+def test_an_error_on_one_process_stops_both_with_its_message(failing):
+  port = _free_port()
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  procs = [subprocess.Popen([sys.executable, '-c', _SCRIPT, str(i), str(failing), str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=120) for p in procs]  # the hang it prevents lasts 300 s
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [2, 2], outs
+  assert not any('passed the collective' in out for out, _ in outs)
+  errors = [[line for line in err.splitlines() if line.startswith('error:')] for _, err in outs]
+  other = 1 - failing
+  assert errors[failing] == ['error: the row is malformed; fix it']
+  assert errors[other] == [f'error: the row is malformed; fix it [process {failing} of 2]; '
+                           f'stopping process {other} of 2 too']
+
+
+def test_a_data_path_missing_on_one_host_stops_the_run_in_seconds(tmp_path, corpus_dir, data_dir):
+  """Through research.main: per-host input where process 1's data path matches
+  nothing (the files were copied to the first host only). Before failstop both
+  processes hung for 5 minutes and died with crash dumps."""
+  port = _free_port()
+  missing = str(tmp_path / 'not_copied' / '*.txt')
+  procs = [subprocess.Popen(
+      _cmd(str(tmp_path / 'run'), corpus_dir, data_dir, '--config.mesh.data=2', '--config.mesh.fsdp=4',
+           '--config.data.streams=2', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+           f'--process_id={i}', *([f'--config.data.files={missing}'] if i == 1 else [])),
+      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [2, 2], outs
+  want = f"error: data.files='{missing}' matches no file; give comma-separated globs of .txt or .jsonl files."
+  assert outs[1][1].strip().splitlines()[-1] == want
+  assert outs[0][1].strip().splitlines()[-1] == f'{want} [process 1 of 2]; stopping process 0 of 2 too'
