@@ -76,13 +76,14 @@ def main(argv):
     if config.dry_run:
       simulate_devices_for_dry_run(config)
     init_distributed()
-    watcher = failstop.start_watcher()  # another process's error stops this one too
-    from research import stages  # pylint: disable=import-outside-toplevel
-    from research.training import init, loop  # pylint: disable=import-outside-toplevel
-    config = init.resolve_config(config)  # init_from=hf:<dir> decides the architecture
-    loop.train(config, _WORKDIR.value, stages.get(config.stage)(config))
-    if watcher is not None:
-      watcher.set()
+    stop_watching = failstop.start_watcher()  # another process's error stops this one too
+    try:
+      from research import stages  # pylint: disable=import-outside-toplevel
+      from research.training import init, loop  # pylint: disable=import-outside-toplevel
+      config = init.resolve_config(config)  # init_from=hf:<dir> decides the architecture
+      loop.train(config, _WORKDIR.value, stages.get(config.stage)(config))
+    finally:
+      stop_watching()
   except UserError as e:
     failstop.stop_all_processes(f'error: {e}', 2)
   except OSError as e:
@@ -99,8 +100,9 @@ def _stop_on_crash(e: BaseException) -> None:
   multi-process run, the traceback, then every process stops (failstop)."""
   if not failstop.multi_process():
     raise e
-  traceback.print_exc()
-  failstop.stop_all_processes(f'error: {type(e).__name__}: {e}'.splitlines()[0], 1)
+  if failstop.peer_error() is None:  # else the crash is most likely that process leaving
+    traceback.print_exc()
+  failstop.stop_all_processes(f'error: {type(e).__name__}: {e}'.splitlines()[0], 1, defer_to_peers=True)
 
 
 def environment_error(e: OSError) -> str | None:

@@ -20,7 +20,7 @@ _SCRIPT = textwrap.dedent('''
     from research.training import failstop
     me, failing, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=me)
-    watcher = failstop.start_watcher()
+    failstop.start_watcher()
     multihost_utils.process_allgather(np.zeros(1))
     if me == failing:
       failstop.stop_all_processes('error: the row is malformed; fix it', 2)
@@ -69,3 +69,36 @@ def test_a_data_path_missing_on_one_host_stops_the_run_in_seconds(tmp_path, corp
   want = f"error: data.files='{missing}' matches no file; give comma-separated globs of .txt or .jsonl files."
   assert outs[1][1].strip().splitlines()[-1] == want
   assert outs[0][1].strip().splitlines()[-1] == f'{want} [process 1 of 2]; stopping process 0 of 2 too'
+
+
+_CRASH_SCRIPT = textwrap.dedent('''
+    import sys, time
+    import jax, numpy as np
+    from jax.experimental import multihost_utils
+    from research.training import failstop
+    me, port = int(sys.argv[1]), sys.argv[2]
+    jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=me)
+    multihost_utils.process_allgather(np.zeros(1))
+    if me == 1:
+      failstop.stop_all_processes('error: the row is malformed; fix it', 2)
+    while failstop.peer_error() is None:  # as if its collective broke once process 1 left
+      time.sleep(0.1)
+    failstop.stop_all_processes('error: RuntimeError: gloo connection reset', 1, defer_to_peers=True)
+''')
+
+
+def test_a_crash_after_another_process_failed_reports_that_process_error():
+  """A process whose collective breaks because another left reports the other's
+  error (the cause), not its own crash."""
+  port = _free_port()
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  procs = [subprocess.Popen([sys.executable, '-c', _CRASH_SCRIPT, str(i), str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [2, 2], outs
+  errors = [line for line in outs[0][1].splitlines() if line.startswith('error:')]
+  assert errors == ['error: the row is malformed; fix it [process 1 of 2]; stopping process 0 of 2 too']

@@ -21,7 +21,7 @@ import os
 import sys
 import threading
 import time
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 _ERRORS = 'research/failstop/errors/'  # one key per failing process
 _SEEN = 'research/failstop/seen'       # how many other processes have read an error
@@ -80,30 +80,44 @@ def _watch(client, stop: threading.Event) -> None:
     _exit_now(2)
 
 
-def start_watcher() -> threading.Event | None:
+def start_watcher() -> Callable[[], None]:
   """In a multi-process run, starts the thread that exits this process when
-  another posts an error (stop_all_processes). Returns the event that stops the
-  watcher (set it before a normal exit); None for a single process."""
+  another posts an error (stop_all_processes). Returns the function that stops
+  it (call it before jax.distributed shuts down); a no-op for one process."""
   if not multi_process():
-    return None
-  client, stop = _client(), threading.Event()
-  threading.Thread(target=_watch, args=(client, stop), name='failstop', daemon=True).start()
-  return stop
+    return lambda: None
+  stop = threading.Event()
+  thread = threading.Thread(target=_watch, args=(_client(), stop), name='failstop', daemon=True)
+  thread.start()
+
+  def stop_watching() -> None:
+    stop.set()
+    thread.join(timeout=10 * POLL_SECONDS)  # not inside a call to the service when it shuts down
+
+  return stop_watching
 
 
-def stop_all_processes(line: str, code: int) -> NoReturn:
+def stop_all_processes(line: str, code: int, *, defer_to_peers: bool = False) -> NoReturn:
   """Prints `line` (the one-line error), posts it for the other processes of a
   multi-process run, and exits with `code` without waiting for them. A single
-  process just prints and exits."""
+  process just prints and exits.
+
+  defer_to_peers: when another process has already posted an error, print that
+  one instead and exit with 2 (for a crash, usually a collective that broke
+  because that process left first)."""
   _stopping.set()  # this process's watcher must not report the error back to it
-  print(line, file=sys.stderr)
-  client = _client()
-  if client is None:
+  if not multi_process():
+    print(line, file=sys.stderr)
     sys.exit(code)
-  me, count = _process()
+  client, (me, count) = _client(), _process()
+  peer = _first_error(client) if defer_to_peers else None
+  if peer is not None:
+    print(f'{peer}; stopping process {me} of {count} too', file=sys.stderr)
+    _exit_now(2)
+  print(line, file=sys.stderr)
   try:
     client.key_value_set(f'{_ERRORS}{me:06d}', f'{line} [process {me} of {count}]')
-  except Exception:  # pylint: disable=broad-except  # another process posted first, or the service is gone
+  except Exception:  # pylint: disable=broad-except  # the service is gone
     _exit_now(code)
   if me == 0:
     deadline = time.monotonic() + HOST_WAIT_SECONDS
@@ -115,3 +129,8 @@ def stop_all_processes(line: str, code: int) -> NoReturn:
         pass
       time.sleep(POLL_SECONDS / 5)
   _exit_now(code)
+
+
+def peer_error() -> str | None:
+  """The error line another process of this run has posted, if any."""
+  return _first_error(_client()) if multi_process() else None
