@@ -126,6 +126,28 @@ def test_resume_refuses_trajectory_changes_and_allows_harmless_ones(test_config,
   assert json.load(open(tmp_path / 'config.json'))['optimizer']['lr'] == 0.001
 
 
+def test_resume_may_change_memory_knobs_and_follows_the_same_trajectory(test_config, tmp_path):
+  """grad_accum_steps and remat change memory, not the function: a run resumed with
+  2 micro-batches and full remat matches the uninterrupted run (float32 rounding of
+  the accumulated sums only)."""
+  kw = dict(log_every=1, checkpoint_every=2, optimizer__decay='constant', mesh__data=4, mesh__tensor=2)
+  want = _losses_after(train, test_config(steps=5, **kw), tmp_path / 'straight')
+  run = tmp_path / 'resumed'
+  train(test_config(steps=2, **kw), run)
+  got = _losses_after(train, test_config(steps=5, optimizer__grad_accum_steps=2, model__remat='full', **kw), run)
+  assert sorted(got) == [1, 2, 3, 4, 5]
+  assert [got[s] for s in (1, 2)] == [want[s] for s in (1, 2)]
+  for s in (3, 4, 5):
+    assert abs(got[s] - want[s]) <= 1e-5 * abs(want[s]), (s, got[s], want[s])
+  changes = json.loads(open(run / 'config_changes.jsonl').readline())['changes']
+  assert changes['optimizer.grad_accum_steps'] == [1, 2] and changes['model.remat'] == ['none', 'full']
+
+
+def _losses_after(train_fn, config, workdir):
+  train_fn(config, workdir)
+  return _losses(workdir)
+
+
 def test_a_failed_start_leaves_no_tokenizer_for_the_next_one(test_config, tmp_path, tok):
   src, run = tmp_path / 'src', tmp_path / 'run'
   train(test_config(steps=2, checkpoint_every=2), src)

@@ -31,12 +31,16 @@ CHANGES_FILE = 'config_changes.jsonl'
 _ABSENT = object()  # a field one config has and the other lacks
 
 # Dotted fields (or prefixes of them) a resumed run may change freely: the run
-# length, intervals, reporting, the mesh (a checkpoint restores onto any mesh),
-# the knobs that change memory or speed but not the function (attention_impl,
-# logits_chunk), and the recovery knobs themselves.
+# length, intervals, reporting and evaluation, the mesh (a checkpoint restores
+# onto any mesh), the knobs that change memory or speed but not the function
+# (attention_impl, logits_chunk, remat, and grad_accum_steps: the global batch
+# and the accumulated (loss, weight) sums are the same, up to float rounding as
+# for a new mesh), and the recovery knobs themselves.
 HARMLESS = ('steps', 'log_every', 'eval_every', 'eval_batches', 'checkpoint_every', 'keep_checkpoints',
             'checkpoint_fallback', 'allow_changes', 'dry_run', 'sample', 'task_eval', 'logging', 'mesh',
-            'sharding_rules', 'optimizer.max_skipped_steps', 'model.attention_impl', 'model.logits_chunk')
+            'sharding_rules', 'optimizer.max_skipped_steps', 'model.attention_impl', 'model.logits_chunk',
+            'model.remat', 'optimizer.grad_accum_steps', 'grpo.eval_samples', 'grpo.eval_k', 'ppo.eval_samples',
+            'ppo.eval_k')
 
 
 def flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
