@@ -4,6 +4,8 @@ plain formula (gradients). On CPU (CI): einsum, blockwise (several tile sizes),
 xla and auto; on a GPU (the GPU check, experiments/gpu/check.sh) cudnn too, in
 bfloat16."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,6 +111,56 @@ def test_auto_picks_cudnn_only_where_it_applies():
   assert pick('auto', jnp.float32, True, 'cpu', T=1000) == 'einsum'  # not whole tiles
   assert pick('auto', jnp.float32, False, 'cpu', T=2048) == 'einsum'
   assert pick('xla', jnp.float32, True, 'cpu') == 'xla'
+  assert pick('auto', jnp.bfloat16, True, 'tpu', T=1024) == 'splash'
+  assert pick('auto', jnp.float32, True, 'tpu', T=128) == 'splash'
+  assert pick('auto', jnp.bfloat16, True, 'tpu', T=100) == 'einsum'  # not whole 128-tiles
+  assert pick('auto', jnp.bfloat16, False, 'tpu', T=1024) == 'einsum'  # KV-cache decoding
+
+
+def test_splash_matches_the_plain_formula_with_packed_segments_on_a_mesh():
+  """The Pallas splash kernel (interpreted on CPU, as it runs nowhere else in CI)
+  through `attend`: values and gradients against autodiff of the textbook formula,
+  GQA, three packed documents and padding, T = 128 (its smallest tile); once on
+  one device and once under shard_map on a data 2 x fsdp 2 x tensor 2 mesh."""
+  from jax.sharding import AxisType
+  from configs.base import DEFAULT_RULES
+  from research.training import sharding
+  Bs, Ts = 4, 128
+  ks = jax.random.split(jax.random.PRNGKey(5), 4)
+  q = jax.random.normal(ks[0], (Bs, Ts, H, Dh))
+  k, v = (jax.random.normal(kk, (Bs, Ts, K, Dh)) for kk in ks[1:3])
+  seg = jnp.asarray(np.array([[1] * 40 + [2] * 70 + [0] * 18, [1] * Ts, [3] * 64 + [4] * 64, [1] * 5 + [0] * 123]),
+                    jnp.int32)
+  slots = jnp.broadcast_to(jnp.arange(Ts), (Bs, Ts))
+  mask = layers.attention_mask(slots, seg, slots, seg)
+  real = (seg != 0)[:, :, None, None]
+  cot = jax.random.normal(ks[3], (Bs, Ts, H, Dh)) * real
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
+
+  def splash_fn(q, k, v):
+    return layers.attend(q, k, v, mask, 'splash', jnp.float32, causal=True, segment_ids_BT=seg)
+
+  plain = lambda q, k, v: _plain_attention_with(q, k, v, mask)
+  want, want_grads = plain(q, k, v), jax.grad(loss(plain), (0, 1, 2))(q, k, v)
+  mesh = jax.make_mesh((2, 2, 1, 2), ('data', 'fsdp', 'expert', 'tensor'), axis_types=(AxisType.Auto,) * 4)
+  for context in (None, sharding.MeshContext(mesh, DEFAULT_RULES)):
+    with context or contextlib.nullcontext():
+      got = jax.jit(splash_fn)(q, k, v)
+      grads = jax.jit(jax.grad(loss(splash_fn), (0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=1e-5, rtol=1e-5)
+    for g, w in zip(grads, want_grads):
+      np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.max(jnp.abs(w))), rtol=1e-5)
+
+
+def _plain_attention_with(q, k, v, mask):
+  """_plain_attention for any length (the textbook formula, jax.nn.softmax)."""
+  groups = q.shape[2] // k.shape[2]
+  k, v = (jnp.repeat(x, groups, axis=2) for x in (k, v))
+  logits = jnp.einsum('bthd,bshd->bhts', q, k) / np.sqrt(q.shape[-1])
+  probs = jax.nn.softmax(jnp.where(mask, logits, layers.MASK_VALUE), axis=-1)
+  return jnp.einsum('bhts,bshd->bthd', probs, v)
 
 
 def test_blockwise_never_holds_the_square_of_scores():

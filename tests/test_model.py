@@ -207,6 +207,21 @@ def test_dot_product_attention_impl_matches_einsum():
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
+def test_splash_impl_matches_einsum_through_the_scanned_model():
+  """attention_impl='splash' (the Pallas TPU kernel, interpreted on CPU): the model's
+  segment ids reach it through the scanned blocks; logits equal einsum's for every
+  non-padding position of packed rows."""
+  cfg = dataclasses.replace(CFG, scan_layers=True, attention_impl='einsum')
+  model, params = _init(cfg)
+  splash = Model(dataclasses.replace(cfg, attention_impl='splash'))
+  tok = _tokens(2, 128)
+  seg = jnp.asarray([[1] * 50 + [2] * 60 + [0] * 18, [1] * 128])
+  a, _ = model.apply({'params': params}, tok, None, seg)
+  b, _ = splash.apply({'params': params}, tok, None, seg)
+  real = np.asarray(seg != 0)[:, :, None]
+  np.testing.assert_allclose(np.where(real, a, 0), np.where(real, b, 0), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('heads,kv_heads', [(4, 4), (4, 2), (6, 1)])
 def test_einsum_attention_matches_plain_softmax_attention_and_its_gradients(heads, kv_heads):
   """einsum_attention (grouped layouts, hand-written softmax backward) against

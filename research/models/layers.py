@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from research.models import blockwise, quant
+from research.models import blockwise, quant, splash
 
 Array = jax.Array
 # Large negative instead of -inf: a fully masked row (padding) gives a uniform
 # softmax rather than NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-ATTENTION_IMPLS = ('auto', 'einsum', 'blockwise', 'xla', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'einsum', 'blockwise', 'xla', 'cudnn', 'splash')
 BLOCKWISE_BLOCK = 512  # tile edge of the blockwise path; 'auto' uses it from 2 tiles up
 _FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -311,7 +311,9 @@ def resolve_attention_impl(impl: str, q_BTHD, causal: bool, backend: str | None 
   'auto' picks, for a causal call over one sequence (training and scoring):
   cuDNN's fused flash attention on a GPU when the queries are bfloat16 or
   float16 and cuDNN takes the shape (head dim a multiple of 8 up to 128, an even
-  length; it skips the masked upper triangle); otherwise the blockwise path
+  length; it skips the masked upper triangle); on a TPU the Pallas splash kernel
+  (splash.py) for lengths in multiples of 128 (`attend` falls back when the model
+  gives no segment ids, e.g. sliding windows); otherwise the blockwise path
   (blockwise.py: no [T, T] scores, causal blocks skipped) from 2 tiles of
   BLOCKWISE_BLOCK up, when the length divides into them; otherwise, and for
   decoding against a KV cache, the einsum path. Other values pass through.
@@ -320,16 +322,19 @@ def resolve_attention_impl(impl: str, q_BTHD, causal: bool, backend: str | None 
   if impl != 'auto':
     return impl
   _, T, _, Dh = q_BTHD.shape
+  backend = backend or jax.default_backend()
   half = jnp.dtype(q_BTHD.dtype) in map(jnp.dtype, _FUSED_DTYPES)
-  if causal and half and Dh % 8 == 0 and Dh <= 128 and T % 2 == 0 and (backend or jax.default_backend()) == 'gpu':
+  if causal and half and Dh % 8 == 0 and Dh <= 128 and T % 2 == 0 and backend == 'gpu':
     return 'cudnn'
+  if causal and backend == 'tpu' and T % 128 == 0:
+    return 'splash'
   if causal and T >= 2 * BLOCKWISE_BLOCK and T % BLOCKWISE_BLOCK == 0:
     return 'blockwise'
   return 'einsum'
 
 
 def attend(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, impl: str, dtype, causal: bool = False,
-           logit_softcap: float = 0.0):
+           logit_softcap: float = 0.0, segment_ids_BT=None):
   """Attention output [B, T, H, Dh] with the configured implementation:
   einsum (explicit matmuls, float32 softmax), blockwise (blockwise.py: the same
   numbers without [T, T] scores) or jax.nn.dot_product_attention's xla / cudnn
@@ -339,9 +344,18 @@ def attend(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, impl: str, dtype, causal: bool = F
   the diagonal is masked anyway; cuDNN then skips those blocks. `mask_B1TS` (the
   segments, padding and the causal mask itself) is applied in every case.
   Soft-capped scores (logit_softcap > 0, Gemma 2) take the einsum path, the only
-  one that caps them.
+  one that caps them. 'splash' (Pallas; interpret mode off TPU) needs
+  `segment_ids_BT` (the only mask it reads: causal within segments, so no
+  sliding window) and a shape splash.supports; else 'auto' decides without it.
   """
   impl = 'einsum' if logit_softcap else resolve_attention_impl(impl, q_BTHD, causal)
+  if impl == 'splash':
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
+    _, T, H, _ = q_BTHD.shape
+    if causal and segment_ids_BT is not None and splash.supports(T, H, k_BSKD.shape[2], sizes, splash.mesh_axes()[1]):
+      return splash.splash_attention(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, dtype)
+    impl = resolve_attention_impl('auto', q_BTHD, causal, backend='cpu')  # the blockwise or einsum path
   if impl == 'blockwise' and (q_BTHD.shape[1] % BLOCKWISE_BLOCK or k_BSKD.shape[1] % BLOCKWISE_BLOCK):
     impl = 'einsum'  # a short prompt or one decoded token: no tiles to skip
   if impl == 'einsum':
@@ -382,7 +396,8 @@ class Attention(nn.Module):
                   param_dtype=self.param_dtype, init_std=self.init_std, lora=self.lora, name=name)
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_B1TS, cache=None, cache_index=None, inv_freq=None):
+  def __call__(self, x_BTD, positions_BT, mask_B1TS, cache=None, cache_index=None, inv_freq=None,
+               segment_ids_BT=None):
     H, K, Dh = self.n_heads, self.n_kv_heads, self.head_dim
     q_BTHD = self._dense((H, Dh), ('embed', 'heads', 'head_dim'), 'q', use_bias=self.qkv_bias)(x_BTD)
     k_BTKD = self._dense((K, Dh), ('embed', 'kv_heads', 'head_dim'), 'k', use_bias=self.qkv_bias)(x_BTD)
@@ -406,7 +421,7 @@ class Attention(nn.Module):
       k_BTKD, v_BTKD = k_BSKD.astype(self.dtype), v_BSKD.astype(self.dtype)
 
     out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, mask_B1TS, self.impl, self.dtype, causal=cache is None,
-                      logit_softcap=self.logit_softcap)
+                      logit_softcap=self.logit_softcap, segment_ids_BT=segment_ids_BT)
     out_BTHD = nn.with_logical_constraint(out_BTHD, ('batch', 'length', 'heads', 'head_dim'))
     out_BTD = self._dense((self.d_model,), ('heads', 'head_dim', 'embed'), 'o', n_in=2)(out_BTHD)
     return out_BTD, new_cache

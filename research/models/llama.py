@@ -70,7 +70,8 @@ class Config:
   scan_layers: bool = False
   # auto: the fastest correct one for the backend (layers.resolve_attention_impl);
   # einsum: explicit matmuls + float32 softmax; xla / cudnn: jax.nn.dot_product_attention
-  # with that implementation (cudnn needs a GPU and bf16/fp16 compute).
+  # with that implementation (cudnn needs a GPU and bf16/fp16 compute); blockwise: flash
+  # attention's loops in JAX; splash: the Pallas TPU kernel (interpreted, slowly, elsewhere).
   attention_impl: str = 'auto'
   init_std: float = 0.02
   # lm: next-token logits [B, T, V]; score: one scalar per position [B, T, 1]
@@ -234,7 +235,8 @@ def _common_hf_config(cfg: Config, model_type: str, arch: str) -> dict:
 
 class Block(nn.Module):
   """Pre-norm decoder block. Signature fits nn.scan: (x, cache, sliding) per layer,
-  then what every layer shares: positions, (full mask, window mask), cache index."""
+  then what every layer shares: positions, (full mask, window mask, segment ids
+  or None), cache index."""
 
   cfg: Config
   lora: LoraConfig | None = None
@@ -249,7 +251,7 @@ class Block(nn.Module):
         cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model, cfg.rope, qkv_bias=cfg.qkv_bias,
         qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, impl=cfg.attention_impl, dtype=cfg.dtype,
         param_dtype=cfg.param_dtype, init_std=cfg.init_std, lora=self.lora,
-        name='attn')(h, positions_BT, mask_B1TS, cache, cache_index)
+        name='attn')(h, positions_BT, mask_B1TS, cache, cache_index, segment_ids_BT=masks[2])
     x_BTD = x_BTD + h
     h = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name='mlp_norm')(x_BTD)
     x_BTD = x_BTD + self.feed_forward(h, mask_B1TS)
@@ -312,7 +314,10 @@ class Model(nn.Module):
     # cache keeps every position, so decoding is exact (not smaller).
     windows = cfg.layer_windows()
     window = max(windows)
-    masks = (mask_B1TS, mask_B1TS & window_mask(slots_BT, kv_slots_BS, window) if window else mask_B1TS)
+    # Segment ids for attention kernels that take them instead of the mask (splash):
+    # only without a KV cache or sliding windows, where they say all the mask does.
+    masks = (mask_B1TS, mask_B1TS & window_mask(slots_BT, kv_slots_BS, window) if window else mask_B1TS,
+             segment_ids_BT if cache is None and not window else None)
     sliding_L = np.asarray([w > 0 for w in windows])
 
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
