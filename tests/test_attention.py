@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.models import blockwise, layers
+from research.models import blockwise, layers, splash
 
 B, T, H, K, Dh = 2, 40, 4, 2, 16
 # Row 0: three packed documents and 6 padding slots; row 1: one document.
@@ -152,6 +152,10 @@ def test_splash_matches_the_plain_formula_with_packed_segments_on_a_mesh():
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=1e-5, rtol=1e-5)
     for g, w in zip(grads, want_grads):
       np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.max(jnp.abs(w))), rtol=1e-5)
+  with sharding.MeshContext(mesh, DEFAULT_RULES):  # shapes shard_map cannot split evenly fall back
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    assert splash.supports(4, 128, H, K, sizes) and not splash.supports(2, 128, H, K, sizes)  # 4 batch shards
+    assert not splash.supports(4, 128, H, 1, sizes) and not splash.supports(4, 100, H, K, sizes)
 
 
 def _plain_attention_with(q, k, v, mask):

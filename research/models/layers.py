@@ -352,8 +352,8 @@ def attend(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, impl: str, dtype, causal: bool = F
   if impl == 'splash':
     mesh = jax.sharding.get_abstract_mesh()
     sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
-    _, T, H, _ = q_BTHD.shape
-    if causal and segment_ids_BT is not None and splash.supports(T, H, k_BSKD.shape[2], sizes, splash.mesh_axes()[1]):
+    B, T, H, _ = q_BTHD.shape
+    if causal and segment_ids_BT is not None and splash.supports(B, T, H, k_BSKD.shape[2], sizes):
       return splash.splash_attention(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, dtype)
     impl = resolve_attention_impl('auto', q_BTHD, causal, backend='cpu')  # the blockwise or einsum path
   if impl == 'blockwise' and (q_BTHD.shape[1] % BLOCKWISE_BLOCK or k_BSKD.shape[1] % BLOCKWISE_BLOCK):

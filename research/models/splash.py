@@ -28,14 +28,15 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 BLOCK = 512  # query and key tile edge (TPU: a multiple of 128), cut to T when T is smaller
 
 
-def supports(T: int, H: int, K: int, mesh_axis_sizes: dict | None = None, heads_axes=()) -> bool:
+def supports(B: int, T: int, H: int, K: int, mesh_axis_sizes: dict | None = None) -> bool:
   """Whether splash_attention takes this shape: whole tiles (the kernel wants
-  multiples of 128, interpreted too), and query and KV heads that divide over
-  the mesh axes heads are split on."""
+  multiples of 128, interpreted too), rows that divide over the mesh axes of
+  'batch' and query and KV heads over those of 'heads' (shard_map splits evenly)."""
   if T % 128 or T % min(BLOCK, T):
     return False
-  split = math.prod((mesh_axis_sizes or {}).get(a, 1) for a in heads_axes)
-  return H % split == 0 and K % split == 0
+  batch_axes, heads_axes = mesh_axes()
+  split = lambda axes: math.prod((mesh_axis_sizes or {}).get(a, 1) for a in axes)
+  return B % split(batch_axes) == 0 and H % split(heads_axes) == 0 and K % split(heads_axes) == 0
 
 
 def _kernel(T: int, group: int, logit_softcap: float, interpret: bool):
