@@ -29,18 +29,27 @@ _SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize('failing', [1, 0])  # 0 also hosts the coordination service
-def test_an_error_on_one_process_stops_both_with_its_message(failing):
-  port = _free_port()
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
-  procs = [subprocess.Popen([sys.executable, '-c', _SCRIPT, str(i), str(failing), str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+def _run_both(cmds, env):
+  """Runs the two processes' commands side by side; (return codes, [(stdout, stderr)])."""
+  procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for cmd in cmds]
   try:
-    outs = [p.communicate(timeout=120) for p in procs]  # the hang it prevents lasts 300 s
+    outs = [p.communicate(timeout=120) for p in procs]  # the hang failstop prevents lasts 300 s
   finally:
     for p in procs:
       p.kill()
-  assert [p.returncode for p in procs] == [2, 2], outs
+  return [p.returncode for p in procs], outs
+
+
+_ONE_DEVICE = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+
+
+@pytest.mark.parametrize('failing', [1, 0])  # 0 also hosts the coordination service
+def test_an_error_on_one_process_stops_both_with_its_message(failing):
+  port = _free_port()
+  codes, outs = _run_both([[sys.executable, '-c', _SCRIPT, str(i), str(failing), str(port)] for i in range(2)],
+                          _ONE_DEVICE)
+  assert codes == [2, 2], outs
   assert not any('passed the collective' in out for out, _ in outs)
   errors = [[line for line in err.splitlines() if line.startswith('error:')] for _, err in outs]
   other = 1 - failing
@@ -55,17 +64,11 @@ def test_a_data_path_missing_on_one_host_stops_the_run_in_seconds(tmp_path, corp
   processes hung for 5 minutes and died with crash dumps."""
   port = _free_port()
   missing = str(tmp_path / 'not_copied' / '*.txt')
-  procs = [subprocess.Popen(
+  codes, outs = _run_both([
       _cmd(str(tmp_path / 'run'), corpus_dir, data_dir, '--config.mesh.data=2', '--config.mesh.fsdp=4',
            '--config.data.streams=2', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-           f'--process_id={i}', *([f'--config.data.files={missing}'] if i == 1 else [])),
-      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=120) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  assert [p.returncode for p in procs] == [2, 2], outs
+           f'--process_id={i}', *([f'--config.data.files={missing}'] if i == 1 else [])) for i in range(2)], _env(4))
+  assert codes == [2, 2], outs
   want = f"error: data.files='{missing}' matches no file; give comma-separated globs of .txt or .jsonl files."
   assert outs[1][1].strip().splitlines()[-1] == want
   assert outs[0][1].strip().splitlines()[-1] == f'{want} [process 1 of 2]; stopping process 0 of 2 too'
@@ -91,14 +94,7 @@ def test_a_crash_after_another_process_failed_reports_that_process_error():
   """A process whose collective breaks because another left reports the other's
   error (the cause), not its own crash."""
   port = _free_port()
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
-  procs = [subprocess.Popen([sys.executable, '-c', _CRASH_SCRIPT, str(i), str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=120) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  assert [p.returncode for p in procs] == [2, 2], outs
+  codes, outs = _run_both([[sys.executable, '-c', _CRASH_SCRIPT, str(i), str(port)] for i in range(2)], _ONE_DEVICE)
+  assert codes == [2, 2], outs
   errors = [line for line in outs[0][1].splitlines() if line.startswith('error:')]
   assert errors == ['error: the row is malformed; fix it [process 1 of 2]; stopping process 0 of 2 too']
