@@ -6,6 +6,18 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+# One XLA compilation cache for the whole session: both xdist workers and every run the tests start
+# as a subprocess (kill and resume, sweeps, two-process runs) inherit these variables. The same tiny
+# programs are otherwise compiled again in many tests and after every restart, which is most of the
+# suite's time on 2 cores. A cache key covers the program, the devices, the compile options and
+# XLA_FLAGS, so a hit loads what a fresh compile would build.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import tempfile  # noqa: E402
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='research-tests-xla-cache-')
+  os.environ['RESEARCH_TESTS_XLA_CACHE_OWNER'] = str(os.getpid())
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
 import shutil  # noqa: E402
 import sysconfig  # noqa: E402
 
@@ -153,3 +165,10 @@ def assert_same_update(a, b, rtol=1e-6):
   np.testing.assert_allclose(float(m1['train/loss']), float(m2['train/loss']), rtol=rtol, atol=1e-8)
   for x, y in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=1e-7)
+
+
+def pytest_unconfigure(config):
+  """The process that made the session's compilation cache removes it."""
+  del config
+  if os.environ.get('RESEARCH_TESTS_XLA_CACHE_OWNER') == str(os.getpid()):
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
