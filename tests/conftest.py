@@ -3,13 +3,7 @@
 import os
 
 # Must be set before jax is imported anywhere.
-# LLVM's optimisation level 0 for XLA's generated CPU code: test programs are tiny, so
-# compiling them costs more than running them (a third of the time of the SFT, trainer and
-# DPO tests together, half their CPU time). Float semantics are IEEE at every level (no
-# fast-math), matmuls are library calls either way, and the references the tests compare
-# against are numpy, formulas or another run under the same flags.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-                           ' --xla_backend_optimization_level=0').strip()
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 # One XLA compilation cache for the whole session: both xdist workers and every run the tests start
