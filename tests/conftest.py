@@ -17,6 +17,11 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['RESEARCH_TESTS_XLA_CACHE_OWNER'] = str(os.getpid())
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+# The tests' programs are tiny: XLA spends longer optimising them than running them, so tests (and
+# the runs they start) compile with jax's public switch for that. It changes float32 rounding, not
+# results; a test whose tolerance sits at the rounding of the production compile is marked
+# `production_compile` and runs with it (see the fixture below).
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
 import shutil  # noqa: E402
 import sysconfig  # noqa: E402
@@ -26,6 +31,28 @@ import pytest  # noqa: E402
 # A few stdlib modules: a corpus small enough to build and tokenize in a second.
 _CORPUS_MODULES = ('textwrap.py', 'string.py', 'bisect.py', 'heapq.py', 'colorsys.py', 'shlex.py',
                    'fnmatch.py', 'glob.py', 'keyword.py', 'queue.py', 'sched.py', 'this.py')
+
+
+def pytest_configure(config):
+  """Registers the `production_compile` marker."""
+  config.addinivalue_line('markers', 'production_compile: compile with all of XLA\'s optimisations, as '
+                          'training does (the tolerance is at the rounding of that compile)')
+
+
+@pytest.fixture(autouse=True)
+def _compile_like_production(request):
+  """Full XLA optimisation for tests marked `production_compile`, the tests' setting otherwise."""
+  if request.node.get_closest_marker('production_compile') is None:
+    yield
+    return
+  import jax
+  before = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  jax.clear_caches()  # the switch is not in jit's key: nothing compiled earlier may be reused
+  try:
+    yield
+  finally:
+    jax.config.update('jax_disable_most_optimizations', before)
 
 
 @pytest.fixture(scope='session')

@@ -116,6 +116,7 @@ def test_dynamic_sampling_keeps_shapes_with_zero_weight_fill(tok, test_config, p
   assert source.metrics['groups/kept'] == 0.0 and source.metrics['groups/zero_spread'] == 1.0
 
 
+@pytest.mark.production_compile
 def test_accumulation_gives_the_same_update(test_config, tok):
   one, four = step_with_accumulation(lambda **kw: make_grpo_config(test_config, **kw),
                                      lambda policy: _source(tok, test_config, prompts_per_step=4,

@@ -35,7 +35,7 @@ def tokenizer_file(tok, tmp_path_factory):
 
 def _sweep_cmd(out, data_dir, tokenizer_file):
   return [sys.executable, '-m', 'experiments.sweep', '--config=configs/sft.py:size=tiny',
-          '--grid', 'lora.rank=4,8', '--grid', 'optimizer.lr=1e-3,3e-3', f'--out={out}',
+          '--grid', 'lora.rank=4,8', '--grid', 'optimizer.lr=3e-3', f'--out={out}',
           '--set', 'steps=4', '--set', 'eval_every=4', '--set', 'checkpoint_every=2', '--set', 'log_every=1',
           '--set', 'eval_batches=1', '--set', 'batch_size=8', '--set', 'seq_len=64',
           '--set', 'task_eval.exact_match=False', '--set', 'sample.prompts=()', '--set', f'data.data_dir={data_dir}',
@@ -49,12 +49,11 @@ def test_killed_sweep_finishes_without_redoing_points_and_matches_an_uninterrupt
                      timeout=900)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   names = sorted(d for d in os.listdir(full) if os.path.isdir(os.path.join(full, d)))
-  assert names == ['lora.rank=4,optimizer.lr=1e-3', 'lora.rank=4,optimizer.lr=3e-3',
-                   'lora.rank=8,optimizer.lr=1e-3', 'lora.rank=8,optimizer.lr=3e-3']
+  assert names == ['lora.rank=4,optimizer.lr=3e-3', 'lora.rank=8,optimizer.lr=3e-3']
   with open(os.path.join(full, 'results.md')) as f:
     want = f.read()
   pngs = sorted(p for p in os.listdir(full) if p.endswith('.png'))
-  assert pngs == ['curves.png', 'eval_loss_vs_lora.rank.png', 'eval_loss_vs_optimizer.lr.png']
+  assert pngs == ['curves.png', 'eval_loss_vs_lora.rank.png']  # an axis of one value gets no plot
   assert all(_png_ok(os.path.join(full, p)) for p in pngs)
 
   # Killed while the second point trains (after its first checkpoint), then re-run.
@@ -73,7 +72,7 @@ def test_killed_sweep_finishes_without_redoing_points_and_matches_an_uninterrupt
 
   listed = subprocess.run(_sweep_cmd(cut, data_dir, tokenizer_file) + ['--list'], cwd=ROOT, check=True,
                           capture_output=True, text=True).stdout.splitlines()
-  assert len(listed) == 3 and all('research.main' in line for line in listed)  # the finished point is not listed
+  assert len(listed) == 1 and 'research.main' in listed[0]  # the finished point is not listed
 
   r = subprocess.run(_sweep_cmd(cut, data_dir, tokenizer_file), cwd=ROOT, capture_output=True, text=True,
                      timeout=900)
