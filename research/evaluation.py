@@ -27,7 +27,7 @@ import numpy as np
 import tqdm
 
 from research import sampling
-from research.data import chat, pipeline
+from research.data import chat, pipeline, sources
 from research.data.tokenizer import Tokenizer
 
 
@@ -103,7 +103,7 @@ def task_rows(data_cfg, examples: int = 0) -> list[dict]:
   """The held-out generated tasks (sft_tasks validation), sorted by family and
   question; the first `examples` of them (0: all 300)."""
   src = pipeline.open_named(data_cfg, 'sft_tasks', 'validation')
-  rows = [json.loads(src[i]['json']) for i in range(len(src))]
+  rows = [json.loads(example['json']) for example in sources.first_rows(src)]
   rows.sort(key=lambda r: (r['family'], r['messages'][0]['content']))
   return rows[:examples] if examples > 0 else rows
 

@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.data import chat, pipeline, sft
+from research.data import chat, pipeline, sft, sources
 from research.data.tokenizer import Tokenizer
 from research.errors import UserError
 
@@ -412,7 +412,7 @@ def check_rows(source, name: str, text_key: str, most_pairs: int) -> None:
   are skipped in training) and reports them, as sft.check_rows does for SFT
   rows; an error only if no row is usable."""
   n = min(len(source), _SCAN_LIMIT)
-  sizes = [None if p is None else len(p) for p in (row_pairs(source[i], text_key) for i in range(n))]
+  sizes = [None if p is None else len(p) for p in (row_pairs(row, text_key) for row in sources.first_rows(source, n))]
   bad = sum(s is None for s in sizes)
   big = sum(s is not None and s > most_pairs for s in sizes)
   if n and bad == n:

@@ -17,7 +17,7 @@ import json
 import grain
 import numpy as np
 
-from research.data import chat, pipeline
+from research.data import chat, pipeline, sources
 from research.data.tokenizer import Tokenizer
 from research.errors import UserError
 
@@ -45,7 +45,7 @@ def check_rows(source, name: str, text_key: str, parse=None,
   fails only if every row is bad."""
   parse = parse or example_messages
   n = min(len(source), _SCAN_LIMIT)
-  bad = sum(parse(source[i], text_key) is None for i in range(n))
+  bad = sum(parse(row, text_key) is None for row in sources.first_rows(source, n))
   if n and bad == n:
     raise UserError(f'dataset {name!r}: all {n} rows are malformed; rows need {expected}.')
   if bad:
