@@ -184,6 +184,30 @@ def step_with_accumulation(make_config, batch_fn, accums=(1, 4)):
   return outs
 
 
+_FULL_FORWARDS = {}  # id(model) -> (model, its jitted forward); holding the model keeps the id unique
+
+
+def full_forward(model, params, ids_BT):
+  """model.apply's first output for unpadded ids [B, T]: the tests' reference
+  forward. Jitted once per model, so one compile per length: op by op, each of a
+  few hundred primitives would compile again for every new length."""
+  import jax
+  import jax.numpy as jnp
+  if id(model) not in _FULL_FORWARDS:
+    _FULL_FORWARDS[id(model)] = (model, jax.jit(lambda p, ids: model.apply({'params': p}, ids)[0]))
+  return _FULL_FORWARDS[id(model)][1](params, jnp.asarray(ids_BT, jnp.int32))
+
+
+def reference_reward(model, params, tok, messages):
+  """A score model's reward independent of the pipeline's padding, packing and
+  score index: render, drop the closing <|end|>, forward the unpadded sequence,
+  read the last position."""
+  from research.data import chat
+  ids, _ = chat.render(messages, tok, mask='completion')
+  assert ids[-1] == tok.special_id('<|end|>')
+  return float(full_forward(model, params, [ids[:-1]])[0, -1, 0])
+
+
 def assert_same_update(a, b, rtol=1e-6):
   """Two (state, metrics) results hold the same loss and parameters (float32 rounding)."""
   import jax

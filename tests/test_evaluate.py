@@ -7,12 +7,11 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import train
+from conftest import full_forward, train
 from research import evaluate, losses
 from research.data import chat
 from research.training.metrics import read_metrics
@@ -63,21 +62,10 @@ def test_heldout_command_equals_the_sft_stage_exact_match(runs, tmp_path):
   assert '| heldout | exact_match |' in (out / 'results.md').read_text()
 
 
-_FORWARDS = {}  # id(ev) -> (ev, its jitted full forward); holding ev keeps the id unique
-
-
-def _full_forward(ev, ids_BT):
-  """The model's logits for unpadded ids: one jitted forward per length (op by op,
-  each of a few hundred primitives would compile for every new length)."""
-  if id(ev) not in _FORWARDS:
-    _FORWARDS[id(ev)] = (ev, jax.jit(lambda params, ids: ev.model.apply({'params': params}, ids)[0]))
-  return _FORWARDS[id(ev)][1](ev.params, jnp.asarray(ids_BT, jnp.int32))
-
-
 def _full_forward_logps(ev, ctx, cont):
   """log p(cont | ctx) from the whole logits of one unpadded sequence."""
   ids = np.asarray([list(ctx) + list(cont)], np.int32)
-  logits = _full_forward(ev, ids[:, :-1])
+  logits = full_forward(ev.model, ev.params, ids[:, :-1])
   mask = np.zeros_like(ids[:, 1:])
   mask[:, len(ctx) - 1:] = 1
   return float(losses.sequence_logprobs(logits, jnp.asarray(ids[:, 1:]), jnp.asarray(mask))[0][0])
@@ -87,7 +75,7 @@ def _greedy_without_cache(ev, prompt, max_new, stops):
   """Greedy decoding by a whole forward pass per token (no KV cache)."""
   ids = list(prompt)
   for _ in range(max_new):
-    logits = _full_forward(ev, [ids])
+    logits = full_forward(ev.model, ev.params, [ids])
     t = int(jnp.argmax(logits[0, -1, :ev.tokenizer.vocab_size]))
     if t in stops:
       break

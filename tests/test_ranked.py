@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import init_params, train
-from research.data import chat, pairs, pipeline, pref_sources
+from conftest import init_params, reference_reward, train
+from research.data import pairs, pipeline, pref_sources
 from research.errors import UserError
 from research.models.llama import Config, Model
 from research.stages import dpo, reward
@@ -202,15 +202,6 @@ def _score_model():
   return model, init_params(model, seed=1)
 
 
-def _reference_reward(model, params, tok, messages):
-  """Independent of the pipeline's padding, packing and score index: render,
-  drop the closing <|end|>, forward the unpadded sequence, read the last position."""
-  ids, _ = chat.render(messages, tok, mask='completion')
-  assert ids[-1] == tok.special_id('<|end|>')
-  out, _ = model.apply({'params': params}, jnp.asarray([ids[:-1]]))
-  return float(out[0, -1, 0])
-
-
 def _reward_cfg(margin, coef, pairs_per_row):
   from configs import reward as reward_cfg
   c = reward_cfg.get_config().reward
@@ -230,8 +221,8 @@ def test_reward_loss_on_a_ranked_batch_is_bradley_terry_over_its_pairs(tok, pair
   batch = {k: jnp.asarray(v) for k, v in next(iter(ds)).items()}
   model, params = _score_model()
   expanded = pairs.row_pairs(ranked[0])
-  rc = np.array([_reference_reward(model, params, tok, c) for c, _ in expanded])
-  rr = np.array([_reference_reward(model, params, tok, r) for _, r in expanded])
+  rc = np.array([reference_reward(model, params, tok, c) for c, _ in expanded])
+  rr = np.array([reference_reward(model, params, tok, r) for _, r in expanded])
   margin, coef = 0.3, 0.05
   diff = rc - rr - margin
   want = np.mean(np.log1p(np.exp(-diff))) + coef * np.mean((rc + rr) ** 2)

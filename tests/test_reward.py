@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import init_params, make_trainer, train
+from conftest import full_forward, init_params, make_trainer, reference_reward, train
 from research import rewards
 from research.data import chat, pairs, pref_sources
 from research.errors import UserError
@@ -61,23 +61,14 @@ def _pair_batch(tok, n=4, seq_len=48):
   return rows, next(iter(ds))
 
 
-def _reference_reward(model, params, tok, messages):
-  """Independent of the pipeline's padding and score index: render, drop the
-  closing <|end|>, forward the unpadded sequence, read the final position."""
-  ids, _ = chat.render(messages, tok, mask='completion')
-  assert ids[-1] == tok.special_id('<|end|>')
-  out, _ = model.apply({'params': params}, jnp.asarray([ids[:-1]]))
-  return float(out[0, -1, 0])
-
-
 def test_loss_matches_numpy_on_unpadded_forwards(tok):
   rows, batch = _pair_batch(tok)
   assert batch['chosen_score_index'].shape == (4,) and batch['chosen_inputs'].shape == (4, 48)
   model = Model(Config(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, head='score'))
   params = init_params(model, seed=1)
   sides = [pairs.pair_messages(r) for r in rows[:4]]  # the first batch
-  rc = np.array([_reference_reward(model, params, tok, c) for c, _ in sides])
-  rr = np.array([_reference_reward(model, params, tok, r) for _, r in sides])
+  rc = np.array([reference_reward(model, params, tok, c) for c, _ in sides])
+  rr = np.array([reference_reward(model, params, tok, r) for _, r in sides])
   margin, coef = 0.3, 0.05
   diff = rc - rr - margin
   want = np.mean(np.log1p(np.exp(-diff))) + coef * np.mean((rc + rr) ** 2)
@@ -168,7 +159,7 @@ def test_training_lowers_the_loss_and_logs_exact_eval_accuracy(lm_run, test_conf
   got = []
   for i in range(cfg.batch_size):
     side = {s: batch[f'{s}_inputs'][i][:batch[f'{s}_score_index'][i] + 1] for s in pairs.SIDES}
-    r = {s: float(rm.model.apply({'params': rm.params}, jnp.asarray([ids]))[0][0, -1, 0]) for s, ids in side.items()}
+    r = {s: float(full_forward(rm.model, rm.params, [ids])[0, -1, 0]) for s, ids in side.items()}
     got.append(1.0 if r['chosen'] > r['rejected'] else 0.5 if r['chosen'] == r['rejected'] else 0.0)
   assert evals[-1]['eval/accuracy'] == pytest.approx(np.mean(got), abs=1e-6)
 
@@ -181,7 +172,7 @@ def test_loaded_for_rl_scores_match_unpadded_forwards(lm_run, test_config, tmp_p
   sides = [pairs.pair_messages({'json': json.dumps(r)}) for _, r in pref_sources.task_pairs('validation', 3)]
   convos = [c for pair in sides for c in pair]
   got = rm.score(convos, batch_size=4)
-  want = [_reference_reward(rm.model, rm.params, rm.tokenizer, m) for m in convos]
+  want = [reference_reward(rm.model, rm.params, rm.tokenizer, m) for m in convos]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
   # The evaluator online RL logs: exact match and the reward model's mean score
@@ -193,7 +184,7 @@ def test_loaded_for_rl_scores_match_unpadded_forwards(lm_run, test_config, tmp_p
   got = evaluation.GreedyTaskEval(data_cfg, examples=6, max_new_tokens=6, reward_models=(run,))(
       sampling.Policy(lm.model, lm.params), lm.tokenizer, {})
   replies = evaluation.greedy_replies(lm.model, lm.params, lm.tokenizer, rows, max_new_tokens=6)
-  scores = [_reference_reward(rm.model, rm.params, rm.tokenizer,
+  scores = [reference_reward(rm.model, rm.params, rm.tokenizer,
                               chat.history(r['messages']) + [{'role': 'assistant', 'content': text}])
             for r, text in zip(rows, replies)]
   assert got['reward_model/score'] == pytest.approx(np.mean(scores), rel=1e-5, abs=1e-6)

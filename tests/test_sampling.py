@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import full_forward
 from research import sampling
 from research.models.llama import Config, Model
 
@@ -85,7 +86,7 @@ def test_rollout_logprobs_and_mask_against_full_forwards():
   assert np.asarray(free['mask']).all() and np.asarray(free['truncated']).all()  # no stop token
   for b, prompt in enumerate(prompts):
     seq = list(prompt) + out[b].tolist()
-    logits = np.asarray(model.apply({'params': params}, jnp.asarray([seq]))[0][0], np.float64)
+    logits = np.asarray(full_forward(model, params, [seq])[0], np.float64)
     for i in range(6):
       row = logits[len(prompt) - 1 + i] / T
       kth = np.sort(row)[-K]
@@ -111,7 +112,7 @@ def test_greedy_rollout_logprobs_are_the_models():
   r = sampling.rollout(model, params, tokens, segs, pos, jax.random.PRNGKey(0), np.zeros((0,), np.int32),
                        max_new_tokens=4)
   seq = [4, 4, 8] + np.asarray(r['tokens'])[0].tolist()
-  logits = np.asarray(model.apply({'params': params}, jnp.asarray([seq]))[0][0], np.float64)
+  logits = np.asarray(full_forward(model, params, [seq])[0], np.float64)
   want = [_log_softmax(logits[2 + i])[seq[3 + i]] for i in range(4)]
   np.testing.assert_allclose(np.asarray(r['logps'])[0], want, rtol=1e-4, atol=1e-5)
 
