@@ -26,7 +26,7 @@ run: $(CORE)
 	$(PY) -m experiments.pipeline --runs=$(RUNS)
 
 test: $(TEST)
-	$(PY) -m pytest -q -n 2 --durations=10 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=10 tests
 
 # Train-step benchmark against PyTorch (eager and compiled), input pipeline and loop overhead.
 # `make bench ISA=avx2` restricts both sides to AVX2 (an AVX-512 machine measuring the other kind).

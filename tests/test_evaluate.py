@@ -17,6 +17,10 @@ from research.data import chat
 from research.training.metrics import read_metrics
 
 
+# One worker runs the module (make test's --dist loadgroup): its training fixture is built once.
+pytestmark = pytest.mark.xdist_group('test_evaluate')
+
+
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, corpus_dir, data_dir):
   """A 4-step pretraining run on the test corpus and a 2-step SFT run from it,

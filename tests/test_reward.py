@@ -96,6 +96,10 @@ def _reward_config(test_config, **kw):
   return c
 
 
+# One worker runs the module (make test's --dist loadgroup): its training fixture is built once.
+pytestmark = pytest.mark.xdist_group('test_reward')
+
+
 @pytest.fixture(scope='module')
 def lm_run(tmp_path_factory, corpus_dir, data_dir):
   """A two-step language-model run to start reward models from."""

@@ -39,6 +39,7 @@ def _sweep_cmd(out, data_dir, tokenizer_file):
           '--set', 'steps=4', '--set', 'eval_every=4', '--set', 'checkpoint_every=2', '--set', 'log_every=1',
           '--set', 'eval_batches=1', '--set', 'batch_size=8', '--set', 'seq_len=64',
           '--set', 'task_eval.exact_match=False', '--set', 'sample.prompts=()', '--set', 'data.name=sft_tasks',
+          '--set', 'data.mix_weights=()',
           '--set', f'data.data_dir={data_dir}',
           '--set', f'data.tokenizer={tokenizer_file}', '--set', 'model.vocab_size=512']
 

@@ -20,6 +20,10 @@ def _run(config, workdir, devices=None):
   return _losses(str(workdir))
 
 
+# One worker runs the module (make test's --dist loadgroup): its training fixture is built once.
+pytestmark = pytest.mark.xdist_group('test_trainer')
+
+
 # One baseline per model shape; tensor meshes need kv_heads divisible by 4.
 @pytest.fixture(scope='module')
 def baselines(tmp_path_factory, corpus_dir, data_dir):
