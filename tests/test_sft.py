@@ -81,6 +81,20 @@ def _batches(tok, rows, packing, seq_len=64):
   return [{k: jnp.asarray(v) for k, v in b.items()} for b in ds]
 
 
+def test_mined_code_with_invalid_escapes_parses_without_warnings(tmp_path):
+  """The standard library has plain strings like "\\(" (a DeprecationWarning or
+  SyntaxWarning from ast.parse): mining it must not print one per file."""
+  import warnings
+  source = 'def f(x):\n    """Matches a parenthesis."""\n    return "\\(" + x\n'
+  path = tmp_path / 'm.py'
+  path.write_text(source)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    rows = [row for _, row in sft_sources.code_pairs(str(path), 'm.py')]
+    assert sft_sources.parse_python('def (:') is None
+  assert [r['messages'][1]['content'] for r in rows] == [source]
+
+
 def test_loss_mask_prompt_targets_do_not_count(tok):
   model, params = _tiny_model()
   rows = [{'json': json.dumps({'messages': CONVO})}]

@@ -179,9 +179,8 @@ def ranked_task_rows(split: str, per_family: int, seed: int = 123):
 
 def _delete_line(body: str, rng: random.Random) -> str | None:
   """Without one single-line statement of the body (not a docstring or comment)."""
-  try:
-    tree = ast.parse(body)
-  except SyntaxError:
+  tree = sft_sources.parse_python(body)
+  if tree is None:
     return None
   docstring = lambda n: isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
   rows = sorted({n.lineno for n in ast.walk(tree) if isinstance(n, ast.stmt) and n.lineno > 1
@@ -195,9 +194,8 @@ def _delete_line(body: str, rng: random.Random) -> str | None:
 
 def _misspell_name(body: str, rng: random.Random) -> str | None:
   """One load of a local name (argument or assigned), with two inner letters swapped."""
-  try:
-    tree = ast.parse(body)
-  except SyntaxError:
+  tree = sft_sources.parse_python(body)
+  if tree is None:
     return None
   names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
   names |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.arguments)
