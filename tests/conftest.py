@@ -23,6 +23,7 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # `production_compile` and runs with it (see the fixture below).
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
+import functools  # noqa: E402
 import shutil  # noqa: E402
 import sysconfig  # noqa: E402
 
@@ -184,18 +185,19 @@ def step_with_accumulation(make_config, batch_fn, accums=(1, 4)):
   return outs
 
 
-_FULL_FORWARDS = {}  # id(model) -> (model, its jitted forward); holding the model keeps the id unique
+@functools.cache
+def _jitted_forward(model):
+  """model.apply's logits, jitted; a flax module hashes by its fields, so equal models share one."""
+  import jax
+  return jax.jit(lambda params, ids: model.apply({'params': params}, ids)[0])
 
 
 def full_forward(model, params, ids_BT):
   """model.apply's first output for unpadded ids [B, T]: the tests' reference
   forward. Jitted once per model, so one compile per length: op by op, each of a
   few hundred primitives would compile again for every new length."""
-  import jax
   import jax.numpy as jnp
-  if id(model) not in _FULL_FORWARDS:
-    _FULL_FORWARDS[id(model)] = (model, jax.jit(lambda p, ids: model.apply({'params': p}, ids)[0]))
-  return _FULL_FORWARDS[id(model)][1](params, jnp.asarray(ids_BT, jnp.int32))
+  return _jitted_forward(model)(params, jnp.asarray(ids_BT, jnp.int32))
 
 
 def reference_reward(model, params, tok, messages):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import init_params
-from research.data import chat, registry, sft_sources
+from research.data import chat, registry, sft_sources, sources
 from research.data import sft as sft_data
 from research.errors import UserError
 from research.models.llama import Config, Model
@@ -91,7 +91,7 @@ def test_mined_code_with_invalid_escapes_parses_without_warnings(tmp_path):
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     rows = [row for _, row in sft_sources.code_pairs(str(path), 'm.py')]
-    assert sft_sources.parse_python('def (:') is None
+    assert sources.parse_python('def (:') is None
   assert [r['messages'][1]['content'] for r in rows] == [source]
 
 

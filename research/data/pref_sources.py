@@ -179,7 +179,7 @@ def ranked_task_rows(split: str, per_family: int, seed: int = 123):
 
 def _delete_line(body: str, rng: random.Random) -> str | None:
   """Without one single-line statement of the body (not a docstring or comment)."""
-  tree = sft_sources.parse_python(body)
+  tree = sources.parse_python(body)
   if tree is None:
     return None
   docstring = lambda n: isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
@@ -194,7 +194,7 @@ def _delete_line(body: str, rng: random.Random) -> str | None:
 
 def _misspell_name(body: str, rng: random.Random) -> str | None:
   """One load of a local name (argument or assigned), with two inner letters swapped."""
-  tree = sft_sources.parse_python(body)
+  tree = sources.parse_python(body)
   if tree is None:
     return None
   names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}

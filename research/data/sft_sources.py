@@ -18,7 +18,6 @@ import ast
 import hashlib
 import random
 import textwrap
-import warnings
 
 import tensorflow_datasets as tfds
 
@@ -73,23 +72,11 @@ class SftTasks(sources.JsonRows):
     return task_rows(split, n)
 
 
-def parse_python(source: str) -> ast.Module | None:
-  """The syntax tree of Python source, or None if it does not parse. The mined
-  files are not ours: their invalid escape sequences ("\\(" in a plain string)
-  would print a SyntaxWarning per file, so warnings are silenced here."""
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore', (SyntaxWarning, DeprecationWarning))
-    try:
-      return ast.parse(source)
-    except (SyntaxError, ValueError):
-      return None
-
-
 def code_pairs(path: str, rel: str, max_chars: int = 1200):
   """Yields (key, row) for each documented function of one source file."""
   with open(path, encoding='utf-8', errors='replace') as f:
     source = f.read()
-  tree = parse_python(source)
+  tree = sources.parse_python(source)
   if tree is None:
     return
   lines = source.splitlines(keepends=True)

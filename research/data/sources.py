@@ -18,6 +18,7 @@ key, so they never change between runs or machines.
 from __future__ import annotations
 
 import abc
+import ast
 import codecs
 import glob
 import hashlib
@@ -25,6 +26,7 @@ import json
 import os
 import sys
 import sysconfig
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -310,6 +312,18 @@ def example_text(example: dict, text_key: str) -> str:
                     'set --config.data.text_key.')
   text = example[text_key]
   return text.decode('utf-8', errors='replace') if isinstance(text, bytes) else str(text)
+
+
+def parse_python(source: str) -> ast.Module | None:
+  """The syntax tree of Python source, or None if it does not parse. The mined
+  files are not ours: their invalid escape sequences ("\\(" in a plain string)
+  would print a SyntaxWarning per file, so warnings are silenced here."""
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', (SyntaxWarning, DeprecationWarning))
+    try:
+      return ast.parse(source)
+    except (SyntaxError, ValueError):
+      return None
 
 
 def first_rows(source, limit: int | None = None, block: int = 1024) -> Iterator[Any]:
