@@ -49,6 +49,7 @@ def get_config(arg=None):
       mask_truncated=False,   # zero weight for replies that hit max_new_tokens
       oversample=1,           # > 1: DAPO dynamic sampling over this many times the prompts
       rewards=('exact_match',), reward_weights=(1.0,), overlong_buffer=0,
+      prompt_families=(),     # prompts only from rows of these task families (row['family']; empty: all)
       eval_samples=4, eval_k=4,  # pass@k and mean@k on the held-out tasks (0 samples: off)
   ))
   c.grpo.update(ALGOS[args['algo']])

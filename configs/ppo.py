@@ -27,6 +27,7 @@ def get_config(arg=None):
       whiten=True,            # advantages to mean 0, std 1 over the batch's reply tokens
       vf_coef=0.1, value_clip=0.2,
       rewards=('reward_model:runs/reward',), reward_weights=(1.0,),
+      prompt_families=(),     # prompts only from rows of these task families (row['family']; empty: all)
       eval_samples=0, eval_k=4,  # pass@k and mean@k on the held-out tasks (0 samples: off)
   ))
   # The critic: a [D, 1] layer reading the policy's last hidden states without training

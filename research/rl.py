@@ -107,7 +107,8 @@ def rollout_settings(config, g, prompt_len: int, **overrides) -> RolloutSettings
 def rollout_source(config, g, prompt_len: int, tokenizer, make_source):
   """The prompt stream of config.data, the checked reward functions of `g`, and
   `make_source(prompts, reward_fns, reward_weights)` on them."""
-  prompts = sft_data.prompt_stream(config.data, tokenizer, max_len=prompt_len, seed=config.seed)
+  prompts = sft_data.prompt_stream(config.data, tokenizer, max_len=prompt_len, seed=config.seed,
+                                   families=g.prompt_families)
   fns = {spec: rewards.resolve(spec, max_tokens=g.max_new_tokens, overlong_buffer=g.get('overlong_buffer', 0))
          for spec in g.rewards}
   probe = next(iter(prompts))  # the reward contract, checked once on a real row

@@ -73,3 +73,37 @@ def test_mesh_and_batch_errors_are_one_line(tmp_path, corpus_dir, data_dir):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0], r.stderr
+
+
+def _tfrecords(path):
+  """The records of a TFRecord file (TensorBoard's event format): u64 length, u32 crc, data, u32 crc."""
+  import struct
+  with open(path, 'rb') as f:
+    data = f.read()
+  out, i = [], 0
+  while i < len(data):
+    (n,) = struct.unpack('<Q', data[i:i + 8])
+    out.append(data[i + 12:i + 12 + n])
+    i += 12 + n + 4
+  return out
+
+
+def test_metric_writer_logs_tensorboard_scalars_without_importing_torch(tmp_path):
+  # torch is installed here (a test oracle): tensorboardX would import it, seconds of every start.
+  script = ('import sys, jax\n'
+            'from research.training.metrics import MetricWriter\n'
+            f'w = MetricWriter({str(tmp_path)!r})\n'
+            'w.write(3, {"train/loss": 1.5, "eval/loss": float("nan")})\n'
+            'w.close()\n'
+            'print("torch" in sys.modules)\n')
+  r = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.strip() == 'False'
+  import torch  # noqa: F401  # the check above means something only where torch is importable
+  from tensorboardX.proto import event_pb2
+  events_dir = tmp_path / 'tensorboard'
+  (name,) = os.listdir(events_dir)
+  events = [event_pb2.Event.FromString(rec) for rec in _tfrecords(events_dir / name)]
+  scalars = [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value]
+  assert scalars == [(3, 'train/loss', 1.5)]  # the non-finite value is left out of TensorBoard
+  assert json.loads((tmp_path / 'metrics.jsonl').read_text())['train/loss'] == 1.5

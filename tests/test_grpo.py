@@ -94,6 +94,19 @@ def test_rollout_batch_layout_and_advantages(tok, test_config, policy):
   assert np.abs(batch['advantages']).max() > 0
 
 
+def test_prompt_families_keep_only_those_rows(tok, test_config):
+  c = make_grpo_config(test_config)
+  stream = iter(sft_data.prompt_stream(c.data, tok, max_len=40, seed=0, families=('add', 'sort')))
+  rows = [next(stream)['row'] for _ in range(60)]
+  assert {r['family'] for r in rows} == {'add', 'sort'}
+  # The filter reads the row, and the row is the task: additions ask for a sum, sorts for a list.
+  for r in rows:
+    question = r['messages'][0]['content']
+    assert ('+' in question) == (r['family'] == 'add'), question
+  with pytest.raises(UserError, match=r"no rows of the task families \['divide'\] in sft_tasks .*'reverse'"):
+    sft_data.prompt_stream(c.data, tok, max_len=40, seed=0, families=('divide',))
+
+
 def test_state_resumes_the_same_rollouts(tok, test_config, policy):
   a = _source(tok, test_config)
   a.next(policy)

@@ -121,12 +121,31 @@ def eval_batches(data_cfg, tokenizer, *, seq_len: int, batch_size: int, mask: st
   return pipeline.take_batches(ds, max_batches)
 
 
+def example_fields(example) -> dict:
+  """A stored row's fields (an embedded row's JSON decoded, bytes as text)."""
+  if 'json' in example:
+    return json.loads(example['json'])
+  return {k: v.decode('utf-8', 'replace') if isinstance(v, bytes) else v for k, v in example.items()}
+
+
+def check_families(srcs, names, families: tuple[str, ...]) -> None:
+  """UserError unless some of the first rows of the datasets `srcs` has a
+  'family' field in `families` (else a filtered stream would never yield)."""
+  seen = {example_fields(row).get('family') for src in srcs
+          for row in sources.first_rows(src, min(len(src), _SCAN_LIMIT))}
+  if not seen & set(families):
+    have = sorted(str(f) for f in seen)
+    raise UserError(f'no rows of the task families {list(families)} in {", ".join(names)} (their rows have '
+                    f'"family" {have[:10]}); set the prompt families to some of those, or () for all rows.')
+
+
 class _Prompt(grain.transforms.Map):
   """Row -> {'ids': the chat prompt's token ids, 'messages': the prompt, 'row':
-  the row's fields}, or None if malformed or the prompt is longer than max_len."""
+  the row's fields}, or None if malformed, the prompt is longer than max_len, or
+  `families` is given and the row's 'family' field is not one of them."""
 
-  def __init__(self, tokenizer: Tokenizer, max_len: int, text_key: str):
-    self.tokenizer, self.max_len, self.text_key = tokenizer, max_len, text_key
+  def __init__(self, tokenizer: Tokenizer, max_len: int, text_key: str, families: tuple[str, ...] = ()):
+    self.tokenizer, self.max_len, self.text_key, self.families = tokenizer, max_len, text_key, families
 
   def map(self, example):
     messages = example_messages(example, self.text_key)
@@ -135,20 +154,23 @@ class _Prompt(grain.transforms.Map):
     ids = chat.prompt_ids(messages, self.tokenizer)
     if len(ids) > self.max_len:
       return None
-    if 'json' in example:
-      row = json.loads(example['json'])
-    else:
-      row = {k: v.decode('utf-8', 'replace') if isinstance(v, bytes) else v for k, v in example.items()}
+    row = example_fields(example)
+    if self.families and row.get('family') not in self.families:
+      return None
     return {'ids': ids, 'messages': messages[:-1], 'row': row}
 
 
 def prompt_stream(data_cfg, tokenizer, *, max_len: int, seed: int, shuffle: bool = True,
-                  num_epochs: int | None = None) -> grain.IterDataset:
+                  num_epochs: int | None = None, families: tuple[str, ...] = ()) -> grain.IterDataset:
   """Prompts (the conversation before its last reply) of config.data's train
   split, one at a time, shuffled and repeating: for online RL, where the
-  replies are sampled. Prompts longer than max_len tokens are skipped."""
+  replies are sampled. Prompts longer than max_len tokens are skipped, and so
+  are rows whose 'family' field is not in `families` when that is given."""
   names, srcs, weights = pipeline.open_mixture(data_cfg, data_cfg.train_split)
   for n, src in zip(names, srcs):
     check_rows(src, n, data_cfg.text_key)
+  if families:
+    check_families(srcs, names, tuple(families))
   ds = pipeline.mixed_source(srcs, weights, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
-  return pipeline.to_iter(ds.map(_Prompt(tokenizer, max_len, data_cfg.text_key)).filter(lambda x: x is not None))
+  ds = ds.map(_Prompt(tokenizer, max_len, data_cfg.text_key, tuple(families)))
+  return pipeline.to_iter(ds.filter(lambda x: x is not None))

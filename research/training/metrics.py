@@ -20,6 +20,26 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without PyTorch.
+
+  tensorboardX imports torch whenever it is installed (to accept its tensors),
+  2-4 s of every start on a machine that has it; the writer is only given
+  Python floats here. `sys.modules['torch'] = None` makes that import fail as
+  if torch were absent, for the duration of this import only.
+  """
+  import sys  # pylint: disable=import-outside-toplevel
+  if 'torch' in sys.modules or 'tensorboardX' in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    return SummaryWriter
+  sys.modules['torch'] = None
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
 class MetricWriter:
   """Appends one JSON object per logged step and mirrors scalars to TensorBoard,
   and to Weights & Biases when `logging.wandb_project` is set (config.logging)."""
@@ -29,8 +49,7 @@ class MetricWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = self._wandb = None
     if self.enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = _summary_writer_class()(os.path.join(workdir, 'tensorboard'))
       if logging is not None and logging.get('wandb_project'):
         self._wandb = open_wandb(workdir, logging, run_config or {})
 
