@@ -25,6 +25,13 @@ _SCAN_LIMIT = 200_000  # rows checked for malformed examples at start-up
 BATCH_KEYS = ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')
 
 
+def example_fields(example) -> dict:
+  """A stored row's fields (an embedded row's JSON decoded, bytes as text)."""
+  if 'json' in example:
+    return json.loads(example['json'])
+  return {k: v.decode('utf-8', 'replace') if isinstance(v, bytes) else v for k, v in example.items()}
+
+
 def example_messages(example, text_key: str = '') -> list[dict] | None:
   """Messages of a stored row: embedded rows hold JSON in 'json', raw JSONL
   lines sit in 'text', TFDS datasets give fields directly. None if malformed."""
@@ -34,8 +41,7 @@ def example_messages(example, text_key: str = '') -> list[dict] | None:
     return chat.to_messages(example[text_key])
   if 'text' in example and len(example) <= 2:
     return chat.to_messages(example['text'])
-  return chat.to_messages({k: v.decode('utf-8', 'replace') if isinstance(v, bytes) else v
-                           for k, v in example.items()})
+  return chat.to_messages(example_fields(example))
 
 
 def check_rows(source, name: str, text_key: str, parse=None,
@@ -121,20 +127,15 @@ def eval_batches(data_cfg, tokenizer, *, seq_len: int, batch_size: int, mask: st
   return pipeline.take_batches(ds, max_batches)
 
 
-def example_fields(example) -> dict:
-  """A stored row's fields (an embedded row's JSON decoded, bytes as text)."""
-  if 'json' in example:
-    return json.loads(example['json'])
-  return {k: v.decode('utf-8', 'replace') if isinstance(v, bytes) else v for k, v in example.items()}
-
-
 def check_families(srcs, names, families: tuple[str, ...]) -> None:
   """UserError unless some of the first rows of the datasets `srcs` has a
   'family' field in `families` (else a filtered stream would never yield)."""
-  seen = {example_fields(row).get('family') for src in srcs
-          for row in sources.first_rows(src, min(len(src), _SCAN_LIMIT))}
-  if not seen & set(families):
-    have = sorted(str(f) for f in seen)
+  def row_families():
+    for src in srcs:
+      for row in sources.first_rows(src, min(len(src), _SCAN_LIMIT)):
+        yield example_fields(row).get('family')
+  if not any(f in families for f in row_families()):  # stops at the first match
+    have = sorted({str(f) for f in row_families()})
     raise UserError(f'no rows of the task families {list(families)} in {", ".join(names)} (their rows have '
                     f'"family" {have[:10]}); set the prompt families to some of those, or () for all rows.')
 
@@ -151,11 +152,11 @@ class _Prompt(grain.transforms.Map):
     messages = example_messages(example, self.text_key)
     if messages is None:
       return None
-    ids = chat.prompt_ids(messages, self.tokenizer)
-    if len(ids) > self.max_len:
-      return None
     row = example_fields(example)
     if self.families and row.get('family') not in self.families:
+      return None  # before tokenizing: most rows may be filtered out
+    ids = chat.prompt_ids(messages, self.tokenizer)
+    if len(ids) > self.max_len:
       return None
     return {'ids': ids, 'messages': messages[:-1], 'row': row}
 

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import uuid
 
 import jax
@@ -28,7 +29,6 @@ def _summary_writer_class():
   Python floats here. `sys.modules['torch'] = None` makes that import fail as
   if torch were absent, for the duration of this import only.
   """
-  import sys  # pylint: disable=import-outside-toplevel
   if 'torch' in sys.modules or 'tensorboardX' in sys.modules:
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     return SummaryWriter
