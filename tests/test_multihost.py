@@ -33,9 +33,10 @@ def _losses(workdir):
     return {r['step']: r['train/loss'] for r in map(json.loads, f) if 'train/loss' in r}
 
 
-def test_two_processes_match_one_and_checkpoint_moves_to_one_process(tmp_path, corpus_dir, data_dir):
-  flags = ['--config.steps=4', '--config.checkpoint_every=4', '--config.mesh.data=2',
-           '--config.mesh.fsdp=4']
+def test_two_processes_match_one(tmp_path, corpus_dir, data_dir):
+  """data.streams=1: both processes build every global batch and keep their
+  half; the losses equal 1 process x 8 devices."""
+  flags = ['--config.steps=4', '--config.mesh.data=2', '--config.mesh.fsdp=4']
   one = str(tmp_path / 'one')
   subprocess.run(_cmd(one, corpus_dir, data_dir, *flags), cwd=ROOT, env=_env(8), check=True,
                  capture_output=True, timeout=600)
@@ -56,20 +57,12 @@ def test_two_processes_match_one_and_checkpoint_moves_to_one_process(tmp_path, c
   for step in got:
     assert abs(got[step] - want[step]) / abs(want[step]) < 1e-5, (step, got[step], want[step])
 
-  # The two-process checkpoint (step 4) continues in one process on a tensor-parallel mesh.
-  r = subprocess.run(_cmd(two, corpus_dir, data_dir, '--config.steps=6', '--config.checkpoint_every=4',
-                          '--config.mesh.data=4', '--config.mesh.tensor=2'),
-                     cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert 'resumed from' in r.stdout
-  assert sorted(_losses(two)) == [1, 2, 3, 4, 5, 6]
-
 
 def test_per_host_input_each_process_builds_its_own_rows(tmp_path, corpus_dir, data_dir):
   """data.streams=2: each of 2 processes builds (reads, tokenizes, packs) only
   its half of every global batch, the losses equal 1 process x 8 devices
-  building both streams, and the 2-process checkpoint resumes in 1 process on
-  the same data."""
+  building both streams, and the 2-process checkpoint resumes in 1 process, on
+  a tensor-parallel mesh, on the same data."""
   # A constant learning rate: the 4-step run continued to 6 follows the 6-step schedule.
   flags = ['--config.mesh.data=2', '--config.mesh.fsdp=4', '--config.data.streams=2',
            '--config.optimizer.decay=constant']
@@ -100,9 +93,12 @@ def test_per_host_input_each_process_builds_its_own_rows(tmp_path, corpus_dir, d
   for step in got:
     assert abs(got[step] - want[step]) / abs(want[step]) < 1e-5, (step, got[step], want[step])
 
-  r = subprocess.run(_cmd(two, corpus_dir, data_dir, *flags, '--config.steps=6'),
+  moved = [f for f in flags if not f.startswith('--config.mesh.')] + ['--config.mesh.data=4',
+                                                                      '--config.mesh.tensor=2']
+  r = subprocess.run(_cmd(two, corpus_dir, data_dir, *moved, '--config.steps=6'),
                      cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
+  assert 'resumed from' in r.stdout
   got = _losses(two)
   assert sorted(got) == [1, 2, 3, 4, 5, 6]
   for step in (5, 6):

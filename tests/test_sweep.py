@@ -33,9 +33,9 @@ def tokenizer_file(tok, tmp_path_factory):
   return path
 
 
-def _sweep_cmd(out, data_dir, tokenizer_file):
+def _sweep_cmd(out, data_dir, tokenizer_file, ranks='4,8'):
   return [sys.executable, '-m', 'experiments.sweep', '--config=configs/sft.py:size=tiny',
-          '--grid', 'lora.rank=4,8', '--grid', 'optimizer.lr=3e-3', f'--out={out}',
+          '--grid', f'lora.rank={ranks}', '--grid', 'optimizer.lr=3e-3', f'--out={out}',
           '--set', 'steps=4', '--set', 'eval_every=4', '--set', 'checkpoint_every=2', '--set', 'log_every=1',
           '--set', 'eval_batches=1', '--set', 'batch_size=8', '--set', 'seq_len=64',
           '--set', 'task_eval.exact_match=False', '--set', 'sample.prompts=()', '--set', 'data.name=sft_tasks',
@@ -46,18 +46,7 @@ def _sweep_cmd(out, data_dir, tokenizer_file):
 
 def test_killed_sweep_finishes_without_redoing_points_and_matches_an_uninterrupted_one(
     tmp_path, data_dir, tokenizer_file):
-  full = str(tmp_path / 'full')
-  r = subprocess.run(_sweep_cmd(full, data_dir, tokenizer_file), cwd=ROOT, capture_output=True, text=True,
-                     timeout=900)
-  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-  names = sorted(d for d in os.listdir(full) if os.path.isdir(os.path.join(full, d)))
-  assert names == ['lora.rank=4,optimizer.lr=3e-3', 'lora.rank=8,optimizer.lr=3e-3']
-  with open(os.path.join(full, 'results.md')) as f:
-    want = f.read()
-  pngs = sorted(p for p in os.listdir(full) if p.endswith('.png'))
-  assert pngs == ['curves.png', 'eval_loss_vs_lora.rank.png']  # an axis of one value gets no plot
-  assert all(_png_ok(os.path.join(full, p)) for p in pngs)
-
+  names = ['lora.rank=4,optimizer.lr=3e-3', 'lora.rank=8,optimizer.lr=3e-3']
   # Killed while the second point trains (after its first checkpoint), then re-run.
   cut = str(tmp_path / 'cut')
   proc = subprocess.Popen(_sweep_cmd(cut, data_dir, tokenizer_file), cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -78,12 +67,26 @@ def test_killed_sweep_finishes_without_redoing_points_and_matches_an_uninterrupt
 
   r = subprocess.run(_sweep_cmd(cut, data_dir, tokenizer_file), cwd=ROOT, capture_output=True, text=True,
                      timeout=900)
-  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   assert os.path.getmtime(os.path.join(cut, names[0], sweep.MARKER)) == first_mark  # not redone
   assert 'resumed from' in r.stdout  # the interrupted point continued from its checkpoint
+  assert sorted(d for d in os.listdir(cut) if os.path.isdir(os.path.join(cut, d))) == names
+  pngs = sorted(p for p in os.listdir(cut) if p.endswith('.png'))
+  assert pngs == ['curves.png', 'eval_loss_vs_lora.rank.png']  # an axis of one value gets no plot
+  assert all(_png_ok(os.path.join(cut, p)) for p in pngs)
   with open(os.path.join(cut, 'results.md')) as f:
-    got = f.read()
-  assert _metric_columns(got) == _metric_columns(want)
+    got = _metric_columns(f.read())
+
+  # The interrupted point against the same point run uninterrupted (the first point was not interrupted).
+  full = str(tmp_path / 'full')
+  r = subprocess.run(_sweep_cmd(full, data_dir, tokenizer_file, ranks='8'), cwd=ROOT, capture_output=True,
+                     text=True, timeout=900)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  with open(os.path.join(full, 'results.md')) as f:
+    want = _metric_columns(f.read())
+  assert len(got) == 4 and len(want) == 3  # header, separator, a row per point
+  assert [got[0], got[1], got[3]] == want
+  assert got[2][0].strip() == '4' and got[3][0].strip() == '8'
 
 
 def test_seed_axis_gives_mean_and_spread(tmp_path):
