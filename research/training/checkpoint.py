@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from research.errors import UserError
 from research.training import checkpoint_meta, disk
+from research.training.checkpoint_meta import checkpoint_dir
 from research.training.metrics import log
 from research.training.state import TrainState, no_skips
 
@@ -55,28 +56,20 @@ class CheckpointError(UserError):
 
 
 def write_replicated_arrays_from_one_device() -> None:
-  """Has orbax save each replicated array from one device when there is one process.
+  """In one process, has orbax write each replicated array from one device.
 
-  orbax's default on CPU and TPU ("replica-parallel") splits every replicated
-  shard into one slice per replica so that several hosts share the writing. In
-  one process the same host writes every slice anyway, and each slice is an
-  eager `lax.slice` (a dispatch, and a compile per new shape): about 1.6 s of
-  main-thread time on a 2-core CPU for the first save of the test model on 8
-  devices. With several processes orbax's default stays. orbax (0.12) takes
-  this setting only from its global type-handler registry; the handler keeps
-  the default one's array-metadata store, read as orbax itself reads it.
+  orbax's CPU/TPU default splits replicated shards into a slice per replica so
+  that hosts share the writing; in one process each slice is only an eager
+  `lax.slice` (~1.6 s of the first save of the tests' model on 8 CPU devices).
+  orbax 0.12 reads this setting only from its global type-handler registry.
   """
   if jax.process_count() > 1:
     return
   default = ocp.type_handlers.get_type_handler(jax.Array)
-  store = getattr(default, '_array_metadata_store', None)  # pylint: disable=protected-access
+  store = getattr(default, '_array_metadata_store', None)  # kept, read as orbax itself reads it
   ocp.type_handlers.register_type_handler(
       jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False, array_metadata_store=store),
       override=True)
-
-
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
 class Checkpointer:
@@ -250,14 +243,6 @@ class Checkpointer:
       self.manager.close()
     except Exception:  # pylint: disable=broad-except
       pass
-
-
-def latest_saved_step(workdir: str) -> int | None:
-  """The newest complete checkpoint step of the run in `workdir`, None if none."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
-    return None
-  with ocp.CheckpointManager(checkpoint_dir(workdir), item_names=_ITEMS) as manager:
-    return manager.latest_step()
 
 
 def restore_params(workdir: str, abstract_params: Any, *, optional: tuple[str, ...] = (),

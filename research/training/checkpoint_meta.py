@@ -1,5 +1,6 @@
 """What a checkpoint holds, read from its metadata alone (no array is loaded):
-the top-level keys of an item, and its parameter shapes against a model's.
+the newest complete step, the top-level keys of an item, and its parameter
+shapes against a model's.
 """
 
 from __future__ import annotations
@@ -12,6 +13,19 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 ITEMS = ('params', 'opt_state', 'meta', 'data')
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Where the run in `workdir` keeps its checkpoints."""
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def latest_saved_step(workdir: str) -> int | None:
+  """The newest complete checkpoint step of the run in `workdir`, None if none."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  with ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS) as manager:
+    return manager.latest_step()
 
 
 def tree_keys(item_dir: str) -> set[str]:

@@ -28,6 +28,7 @@ from research.data import tokenizer as tokenizer_lib
 from research.errors import UserError
 from research.models import quant
 from research.training import checkpoint as ckpt_lib
+from research.training import checkpoint_meta
 from research.training import sharding
 from research.training.state import TrainState, no_skips
 from research.training.step import BASE
@@ -173,7 +174,7 @@ def pinned_init_step(config, workdir: str, resuming: bool) -> int:
   if resuming and os.path.exists(record):
     with open(record) as f:
       return int(json.load(f)['step'])
-  return int(config.get('init_step', 0)) or (ckpt_lib.latest_saved_step(config.init_from) or 0)
+  return int(config.get('init_step', 0)) or (checkpoint_meta.latest_saved_step(config.init_from) or 0)
 
 
 def record_init_step(config, workdir: str, step: int) -> None:
