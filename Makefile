@@ -5,22 +5,18 @@ PY := $(VENV)/bin/python
 CORE := $(VENV)/.core-stamp
 TEST := $(VENV)/.test-stamp
 RUNS ?= runs
-# --no-compile: pip otherwise byte-compiles every file of every package (torch's and
-# transformers' thousands of modules, most never imported): 2 of a 2-core machine's 3
-# install minutes. Python compiles what is imported, once, on first import.
-PIP := $(PY) -m pip install -q --no-compile
 
 .PHONY: install run test bench clean
 
 $(CORE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip
-	$(PIP) -e .
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
 	touch $(CORE)
 
 # Test and benchmark oracles (torch CPU, transformers) on top of the core install.
 $(TEST): $(CORE)
-	$(PIP) -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]'
 	touch $(TEST)
 
 install: $(TEST)
