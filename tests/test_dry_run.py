@@ -8,14 +8,15 @@ import sys
 
 import pytest
 
+from conftest import run_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _plan(workdir, size: str, *flags: str) -> tuple[str, dict]:
   """(stdout, JSON report) of `research.main` planning the pretrain preset `size`
   with config.dry_run and `flags` (mesh sizes and such)."""
-  env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)  # the dry run itself asks for the fake devices the mesh needs
+  env = run_env()  # no device count: the dry run itself asks for the fake devices the mesh needs
   r = subprocess.run([sys.executable, '-m', 'research.main', f'--config=configs/pretrain.py:size={size}',
                       f'--workdir={workdir}', '--config.dry_run=True', '--config.mesh.data=1', *flags],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

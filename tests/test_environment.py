@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,7 +40,7 @@ def _in_tmpfs(tmp_path, size, *commands):
   mnt.mkdir()
   # One device: the sizes below assume its checkpoint (about 0.7 MB; 8 fake devices write 1.5 MB).
   script = [f'mount -t tmpfs -o size={size} tmpfs {mnt} || exit 99', f'cd {ROOT}',
-            'export XLA_FLAGS=--xla_force_host_platform_device_count=1']
+            f"export XLA_FLAGS='{xla_flags(1)}'"]
   outs = []
   for c in commands:
     if isinstance(c, str):

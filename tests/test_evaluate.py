@@ -3,7 +3,6 @@ and the lm-evaluation-harness adapter, against the training stages' own metrics
 and a plain full-forward computation."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import full_forward, train
+from conftest import full_forward, run_env, train
 from research import evaluate, losses
 from research.data import chat
 from research.training.metrics import read_metrics
@@ -56,7 +55,7 @@ def test_heldout_command_equals_the_sft_stage_exact_match(runs, tmp_path):
   out = tmp_path / 'eval'
   proc = subprocess.run([sys.executable, '-m', 'research.evaluate', f'--workdir={runs[1]}', '--task=heldout',
                          '--examples=30', '--max_new_tokens=8', f'--out={out}'], capture_output=True, text=True,
-                        env={**os.environ, 'XLA_FLAGS': ''})
+                        env=run_env())
   assert proc.returncode == 0, proc.stderr[-2000:]
   got = json.loads((out / 'results.json').read_text())['results']['heldout']
   want = _last(runs[1], 'eval/exact_match')
@@ -143,7 +142,7 @@ def test_bad_task_files_get_one_line_errors(runs, tmp_path):
   bad = tmp_path / 'bad.jsonl'
   bad.write_text(json.dumps({'prompt': 'p', 'choices': ['a']}) + '\n')
   proc = subprocess.run([sys.executable, '-m', 'research.evaluate', f'--workdir={runs[0]}', f'--task=choice:{bad}',
-                         f'--out={tmp_path}'], capture_output=True, text=True, env={**os.environ, 'XLA_FLAGS': ''})
+                         f'--out={tmp_path}'], capture_output=True, text=True, env=run_env())
   assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
       f"error: {bad}:1: the row lacks ['label']; each row needs ['prompt', 'choices', 'label']."]
 

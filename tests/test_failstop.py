@@ -2,12 +2,13 @@
 (research/training/failstop.py). Without it the others block in their next
 collective and jax.distributed's shutdown barrier holds everyone for 5 minutes."""
 
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from conftest import run_env
 
 from tests.test_multihost import ROOT, _cmd, _env, _free_port
 
@@ -41,7 +42,7 @@ def _run_both(cmds, env):
   return [p.returncode for p in procs], outs
 
 
-_ONE_DEVICE = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+_ONE_DEVICE = run_env(1)
 
 
 @pytest.mark.parametrize('failing', [1, 0])  # 0 also hosts the coordination service

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import assert_same_update, init_params, make_grpo_config, make_trainer, step_with_accumulation, train
+from conftest import (assert_same_update, init_params, make_grpo_config, make_trainer, run_env,
+                      step_with_accumulation, train)
 from research import losses, rewards, sampling
 from research.data import sft as sft_data
 from research.errors import UserError
@@ -171,8 +172,7 @@ def _cli(workdir, data_dir, *extra):
 
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path, data_dir):
-  env = {**os.environ, 'PYTHONPATH': os.path.join(ROOT, 'tests')}
-  env.pop('XLA_FLAGS', None)
+  env = run_env(PYTHONPATH=os.path.join(ROOT, 'tests'))
   full = str(tmp_path / 'full')
   subprocess.run(_cli(full, data_dir), cwd=ROOT, env=env, check=True, capture_output=True)
   killed = str(tmp_path / 'killed')

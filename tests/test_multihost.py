@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+from conftest import run_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -23,9 +25,7 @@ def _cmd(workdir, corpus_dir, data_dir, *extra):
 
 
 def _env(n_devices):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={n_devices}'
-  return env
+  return run_env(n_devices)
 
 
 def _losses(workdir):
