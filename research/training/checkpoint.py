@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import time
@@ -55,6 +56,7 @@ class CheckpointError(UserError):
     self.reason = reason  # the underlying error, in one short line
 
 
+@functools.cache  # once per process: the setting is global
 def write_replicated_arrays_from_one_device() -> None:
   """In one process, has orbax write each replicated array from one device.
 
