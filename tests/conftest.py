@@ -16,7 +16,7 @@ def xla_flags(devices: int | None) -> str:
   """XLA_FLAGS for a process of the tests: the caller's, the tests' own and, unless
   `devices` is None (research.main then asks for the fake devices its mesh needs),
   that many CPU devices."""
-  user = os.environ.get('RESEARCH_TESTS_USER_XLA_FLAGS', os.environ.get('XLA_FLAGS', ''))
+  user = os.environ.get('RESEARCH_TESTS_USER_XLA_FLAGS', '')
   count = '' if devices is None else f' --xla_force_host_platform_device_count={devices}'
   return f'{user} {TEST_XLA_FLAGS}{count}'.strip()
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_env
 
-from tests.test_multihost import ROOT, _cmd, _env, _free_port
+from tests.test_multihost import ROOT, _cmd, _free_port
 
 # Process `failing` meets an error after the first collective; the other goes on
 # into the next collective, which can never complete.
@@ -68,7 +68,7 @@ def test_a_data_path_missing_on_one_host_stops_the_run_in_seconds(tmp_path, corp
   codes, outs = _run_both([
       _cmd(str(tmp_path / 'run'), corpus_dir, data_dir, '--config.mesh.data=2', '--config.mesh.fsdp=4',
            '--config.data.streams=2', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-           f'--process_id={i}', *([f'--config.data.files={missing}'] if i == 1 else [])) for i in range(2)], _env(4))
+           f'--process_id={i}', *([f'--config.data.files={missing}'] if i == 1 else [])) for i in range(2)], run_env(4))
   assert codes == [2, 2], outs
   want = f"error: data.files='{missing}' matches no file; give comma-separated globs of .txt or .jsonl files."
   assert outs[1][1].strip().splitlines()[-1] == want

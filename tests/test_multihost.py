@@ -24,10 +24,6 @@ def _cmd(workdir, corpus_dir, data_dir, *extra):
           '--config.sample.prompts=()', '--config.log_every=1', *extra]
 
 
-def _env(n_devices):
-  return run_env(n_devices)
-
-
 def _losses(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return {r['step']: r['train/loss'] for r in map(json.loads, f) if 'train/loss' in r}
@@ -38,7 +34,7 @@ def test_two_processes_match_one(tmp_path, corpus_dir, data_dir):
   half; the losses equal 1 process x 8 devices."""
   flags = ['--config.steps=4', '--config.mesh.data=2', '--config.mesh.fsdp=4']
   one = str(tmp_path / 'one')
-  subprocess.run(_cmd(one, corpus_dir, data_dir, *flags), cwd=ROOT, env=_env(8), check=True,
+  subprocess.run(_cmd(one, corpus_dir, data_dir, *flags), cwd=ROOT, env=run_env(8), check=True,
                  capture_output=True, timeout=600)
 
   two = str(tmp_path / 'two')
@@ -46,7 +42,7 @@ def test_two_processes_match_one(tmp_path, corpus_dir, data_dir):
   procs = [subprocess.Popen(
       _cmd(two, corpus_dir, data_dir, *flags, f'--coordinator_address=127.0.0.1:{port}',
            '--num_processes=2', f'--process_id={i}'),
-      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      cwd=ROOT, env=run_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs
@@ -67,7 +63,7 @@ def test_per_host_input_each_process_builds_its_own_rows(tmp_path, corpus_dir, d
   flags = ['--config.mesh.data=2', '--config.mesh.fsdp=4', '--config.data.streams=2',
            '--config.optimizer.decay=constant']
   one = str(tmp_path / 'one')
-  subprocess.run(_cmd(one, corpus_dir, data_dir, *flags, '--config.steps=6'), cwd=ROOT, env=_env(8),
+  subprocess.run(_cmd(one, corpus_dir, data_dir, *flags, '--config.steps=6'), cwd=ROOT, env=run_env(8),
                  check=True, capture_output=True, timeout=600)
 
   two = str(tmp_path / 'two')
@@ -75,7 +71,7 @@ def test_per_host_input_each_process_builds_its_own_rows(tmp_path, corpus_dir, d
   procs = [subprocess.Popen(
       _cmd(two, corpus_dir, data_dir, *flags, '--config.steps=4', '--config.checkpoint_every=4',
            f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'),
-      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      cwd=ROOT, env=run_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs
@@ -96,7 +92,7 @@ def test_per_host_input_each_process_builds_its_own_rows(tmp_path, corpus_dir, d
   moved = [f for f in flags if not f.startswith('--config.mesh.')] + ['--config.mesh.data=4',
                                                                       '--config.mesh.tensor=2']
   r = subprocess.run(_cmd(two, corpus_dir, data_dir, *moved, '--config.steps=6'),
-                     cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+                     cwd=ROOT, env=run_env(8), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'resumed from' in r.stdout
   got = _losses(two)

@@ -207,12 +207,13 @@ def test_five_sigkills_at_random_moments_then_the_run_completes_bitwise(tmp_path
 
 def _launch_two(workdir, corpus_dir, data_dir, *flags):
   """Processes 0 and 1 of a two-process run (4 CPU devices each, jax.distributed on 127.0.0.1)."""
-  from test_multihost import _env, _free_port
+  from conftest import run_env
+  from test_multihost import _free_port
   port = _free_port()
   return [subprocess.Popen(
       _cmd(workdir, corpus_dir, data_dir, *flags, f'--coordinator_address=127.0.0.1:{port}',
            '--num_processes=2', f'--process_id={i}'),
-      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      cwd=ROOT, env=run_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
 
 
