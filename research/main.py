@@ -5,7 +5,8 @@
 
 Multi-host: JAX detects TPU pods, SLURM and similar clusters by itself; for an
 explicit launch give every process the same --coordinator_address and
---num_processes, and its own --process_id.
+--num_processes, and its own --process_id. --heartbeat_timeout (seconds, 100 by
+default) is how long a hard-crashed process goes unnoticed before the others end.
 
 User errors (config, environment, data) print one line and exit with status 2;
 so do OS errors the user fixes (a full disk, a read-only workdir). In a
@@ -31,21 +32,35 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (created; re-runn
 _COORD = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for explicit multi-process launches.')
 _NPROC = flags.DEFINE_integer('num_processes', None, 'Total number of processes.')
 _PID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
+_HEARTBEAT = flags.DEFINE_integer(
+    'heartbeat_timeout', 100, 'Seconds without a heartbeat after which jax.distributed declares a process dead '
+    'and stops the others (a hard crash: SIGKILL, out of memory, a lost host).')
 
 
-def init_distributed() -> None:
-  """Initialises jax.distributed: explicitly from flags, else auto-detected on clusters."""
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, heartbeat_timeout_s: int = 100) -> None:
+  """Initialises jax.distributed: explicitly when given all three of
+  coordinator_address, num_processes and process_id, else auto-detected on
+  clusters (SLURM with more than one task, TPU pods), else not at all.
+
+  heartbeat_timeout_s: after this long without a heartbeat from one process (a
+  hard crash, which failstop.py cannot report), JAX's coordination service ends
+  every other process with a message naming the dead one; until then they wait
+  in their next collective. JAX's default is 100 s.
+  """
   import jax  # pylint: disable=import-outside-toplevel
   from research.errors import UserError  # pylint: disable=import-outside-toplevel
-  explicit = [_COORD.value, _NPROC.value, _PID.value]
+  if heartbeat_timeout_s < 1:
+    raise UserError(f'--heartbeat_timeout={heartbeat_timeout_s}: give a positive number of seconds.')
+  explicit = [coordinator_address, num_processes, process_id]
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
       raise UserError('give all of --coordinator_address, --num_processes and --process_id, or none.')
-    jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value,
-                               process_id=_PID.value)
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)
   elif any(k in os.environ for k in ('SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')):
     if int(os.environ.get('SLURM_NTASKS', '2')) > 1:
-      jax.distributed.initialize()  # cluster auto-detection
+      jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)  # cluster auto-detection
 
 
 def simulate_devices_for_dry_run(config) -> None:
@@ -75,7 +90,7 @@ def main(argv):
       raise UserError(f'cannot load --config: {str(e).splitlines()[-1].strip()}') from None
     if config.dry_run:
       simulate_devices_for_dry_run(config)
-    init_distributed()
+    init_distributed(_COORD.value, _NPROC.value, _PID.value, _HEARTBEAT.value)
     stop_watching = failstop.start_watcher()  # another process's error stops this one too
     try:
       from research import stages  # pylint: disable=import-outside-toplevel

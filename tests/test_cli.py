@@ -66,9 +66,10 @@ def test_misspelled_key_fails_fast_with_short_message(tmp_path, corpus_dir, data
   assert len(r.stderr.strip().splitlines()) <= 3, r.stderr
 
 
-def test_mesh_and_batch_errors_are_one_line(tmp_path, corpus_dir, data_dir):
+def test_mesh_batch_and_flag_errors_are_one_line(tmp_path, corpus_dir, data_dir):
   for flag, field in (('--config.mesh.data=3', 'config.mesh.data'),
-                      ('--config.batch_size=12', 'config.batch_size')):
+                      ('--config.batch_size=12', 'config.batch_size'),
+                      ('--heartbeat_timeout=0', '--heartbeat_timeout=0')):
     r, _ = _error(tmp_path, corpus_dir, data_dir, flag)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()

@@ -2,9 +2,11 @@
 (research/training/failstop.py). Without it the others block in their next
 collective and jax.distributed's shutdown barrier holds everyone for 5 minutes."""
 
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -99,3 +101,35 @@ def test_a_crash_after_another_process_failed_reports_that_process_error():
   assert codes == [2, 2], outs
   errors = [line for line in outs[0][1].splitlines() if line.startswith('error:')]
   assert errors == ['error: the row is malformed; fix it [process 1 of 2]; stopping process 0 of 2 too']
+
+
+# Process 1 dies hard (SIGKILL: nothing of it can report) after the first
+# collective; process 0 goes on into the next one.
+_KILL_SCRIPT = textwrap.dedent('''
+    import os, signal, sys
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from research.main import init_distributed
+    me, port, heartbeat = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    init_distributed(f'127.0.0.1:{port}', 2, me, heartbeat_timeout_s=heartbeat)
+    multihost_utils.process_allgather(np.zeros(1))
+    if me == 1:
+      os.kill(os.getpid(), signal.SIGKILL)
+    multihost_utils.process_allgather(np.ones(1))
+    print('passed the collective')
+''')
+
+
+def test_a_hard_crash_of_one_process_ends_the_others_after_the_heartbeat_timeout():
+  """--heartbeat_timeout reaches jax.distributed: with 3 s, the survivor of a
+  SIGKILLed peer is ended within seconds (JAX's default would take 100 s),
+  with JAX's message naming the dead process."""
+  port = _free_port()
+  t0 = time.monotonic()
+  codes, outs = _run_both([[sys.executable, '-c', _KILL_SCRIPT, str(i), str(port), '3'] for i in range(2)],
+                          _ONE_DEVICE)
+  waited = time.monotonic() - t0
+  assert codes[1] == -signal.SIGKILL
+  assert codes[0] != 0 and 'passed the collective' not in outs[0][0], outs[0]
+  assert 'stopped sending heartbeats' in outs[0][1], outs[0][1][-2000:]
+  assert waited < 60, f'the survivor took {waited:.0f} s: the 3 s heartbeat timeout did not reach jax.distributed'
