@@ -121,9 +121,10 @@ _KILL_SCRIPT = textwrap.dedent('''
 
 
 def test_a_hard_crash_of_one_process_ends_the_others_after_the_heartbeat_timeout():
-  """--heartbeat_timeout reaches jax.distributed: with 3 s, the survivor of a
-  SIGKILLed peer is ended within seconds (JAX's default would take 100 s),
-  with JAX's message naming the dead process."""
+  """init_distributed's heartbeat timeout (research.main's --heartbeat_timeout)
+  reaches jax.distributed: with 3 s, the survivor of a SIGKILLed peer is ended
+  within seconds (JAX's default takes 100 s), with JAX's message naming the
+  dead process."""
   port = _free_port()
   t0 = time.monotonic()
   codes, outs = _run_both([[sys.executable, '-c', _KILL_SCRIPT, str(i), str(port), '3'] for i in range(2)],
