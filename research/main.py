@@ -32,13 +32,14 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (created; re-runn
 _COORD = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for explicit multi-process launches.')
 _NPROC = flags.DEFINE_integer('num_processes', None, 'Total number of processes.')
 _PID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
+JAX_HEARTBEAT_TIMEOUT_S = 100  # jax.distributed.initialize's own default
 _HEARTBEAT = flags.DEFINE_integer(
-    'heartbeat_timeout', 100, 'Seconds without a heartbeat after which jax.distributed declares a process dead '
-    'and stops the others (a hard crash: SIGKILL, out of memory, a lost host).')
+    'heartbeat_timeout', JAX_HEARTBEAT_TIMEOUT_S,
+    'Seconds without a heartbeat after which jax.distributed declares a process dead and stops the others (a hard crash: SIGKILL, out of memory, a lost host).')
 
 
 def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None, heartbeat_timeout_s: int = 100) -> None:
+                     process_id: int | None = None, heartbeat_timeout_s: int = JAX_HEARTBEAT_TIMEOUT_S) -> None:
   """Initialises jax.distributed: explicitly when given all three of
   coordinator_address, num_processes and process_id, else auto-detected on
   clusters (SLURM with more than one task, TPU pods), else not at all.
@@ -46,7 +47,7 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
   heartbeat_timeout_s: after this long without a heartbeat from one process (a
   hard crash, which failstop.py cannot report), JAX's coordination service ends
   every other process with a message naming the dead one; until then they wait
-  in their next collective. JAX's default is 100 s.
+  in their next collective.
   """
   import jax  # pylint: disable=import-outside-toplevel
   from research.errors import UserError  # pylint: disable=import-outside-toplevel
