@@ -103,6 +103,27 @@ def test_a_crash_after_another_process_failed_reports_that_process_error():
   assert errors == ['error: the row is malformed; fix it [process 1 of 2]; stopping process 0 of 2 too']
 
 
+
+def test_a_failing_process_slow_to_exit_still_exits_with_its_code():
+  """Process 0 hosts the coordination service and, once it reads another
+  process's error, waits HOST_GRACE_SECONDS before exiting: a failing process
+  descheduled between posting its error and exiting (here 0.5 s, as on a loaded
+  machine) would otherwise be aborted by its coordination client (-6 and a C++
+  crash dump in place of its exit code 2)."""
+  slow = _CRASH_SCRIPT.replace('from research.training import failstop\n', textwrap.dedent("""\
+      from research.training import failstop
+      _exit_now = failstop._exit_now
+      def _late_exit(code):
+        if int(sys.argv[1]) == 1:
+          time.sleep(0.5)
+        _exit_now(code)
+      failstop._exit_now = _late_exit
+      """))
+  assert slow != _CRASH_SCRIPT
+  port = _free_port()
+  codes, outs = _run_both([[sys.executable, '-c', slow, str(i), str(port)] for i in range(2)], _ONE_DEVICE)
+  assert codes == [2, 2], outs
+
 # Process 1 dies hard (SIGKILL: nothing of it can report) after the first
 # collective; process 0 goes on into the next one.
 _KILL_SCRIPT = textwrap.dedent('''

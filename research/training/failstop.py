@@ -29,6 +29,11 @@ POLL_SECONDS = 0.5
 # Process 0 hosts the coordination service: when it fails it waits (at most
 # this long) for the others to read its error before the service goes with it.
 HOST_WAIT_SECONDS = 10.0
+# ... and when another process failed, process 0 waits this long before exiting:
+# the failing process exits right after posting its error, and if the service
+# went first, its coordination client would abort it (SIGABRT and a C++ crash
+# dump in place of its exit code).
+HOST_GRACE_SECONDS = 1.0
 _stopping = threading.Event()  # set by this process's own stop_all_processes
 
 
@@ -57,6 +62,15 @@ def _exit_now(code: int) -> NoReturn:
   os._exit(code)  # pylint: disable=protected-access
 
 
+def _exit_after_peer(line: str, me: int, count: int) -> NoReturn:
+  """Exits with 2 because another process posted the error `line`; process 0
+  (the service's host) first gives the failing process HOST_GRACE_SECONDS to exit."""
+  print(f'{line}; stopping process {me} of {count} too', file=sys.stderr)
+  if me == 0:
+    time.sleep(HOST_GRACE_SECONDS)
+  _exit_now(2)
+
+
 def _first_error(client) -> str | None:
   """The error line of the lowest-numbered failed process, if any has posted one."""
   try:
@@ -76,8 +90,7 @@ def _watch(client, stop: threading.Event) -> None:
       client.key_value_increment(_SEEN, 1)
     except Exception:  # pylint: disable=broad-except  # only a courtesy to the failed process 0
       pass
-    print(f'{line}; stopping process {me} of {count} too', file=sys.stderr)
-    _exit_now(2)
+    _exit_after_peer(line, me, count)
 
 
 def start_watcher() -> Callable[[], None]:
@@ -112,8 +125,7 @@ def stop_all_processes(line: str, code: int, *, defer_to_peers: bool = False) ->
   client, (me, count) = _client(), _process()
   peer = _first_error(client) if defer_to_peers else None
   if peer is not None:
-    print(f'{peer}; stopping process {me} of {count} too', file=sys.stderr)
-    _exit_now(2)
+    _exit_after_peer(peer, me, count)
   print(line, file=sys.stderr)
   try:
     client.key_value_set(f'{_ERRORS}{me:06d}', f'{line} [process {me} of {count}]')
