@@ -50,7 +50,7 @@ from research import evaluation, losses, models
 from research.data import chat, pipeline
 from research.data.tokenizer import Tokenizer
 from research.errors import UserError
-from research.training import init, sharding
+from research.training import host_memory, init, sharding
 
 _BUCKET = 64  # scored sequences are padded to a multiple of this (few compiled shapes)
 
@@ -404,4 +404,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_memory.reexec_with_huge_pages()
   app.run(main)

@@ -25,7 +25,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from research.training import failstop
+from research.training import failstop, host_memory
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Stage config file[:arg].', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (created; re-running resumes).')
@@ -151,6 +151,7 @@ def parse_flags(argv):
 
 def run():
   """Console entry point."""
+  host_memory.reexec_with_huge_pages()
   app.run(main, flags_parser=parse_flags)
 
 

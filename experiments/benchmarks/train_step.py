@@ -14,6 +14,11 @@ batches, and the driver prints one table and a summary. Parts:
   loop        the real training loop (`train()`: data, host transfer, logging) on the
               tiny preset, against the bare jitted step of that preset
 
+Host memory: the JAX parts run as the project's entry points do, with glibc's
+transparent huge pages on CPU hosts (research/training/host_memory.py); the
+PyTorch rows run as a plain process starts, plus one eager row with huge pages,
+since PyTorch gains from them too.
+
 FLOP convention: 6 N + 12 L H Dh T per token (PaLM appendix B; N = matmul
 parameters, attention counted in full, not causally halved). MFU = model
 FLOP/s over the peak measured in the same run.
@@ -31,6 +36,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from research.training import host_memory
 
 # The CPU comparison model (issue: d_model 256, 4 layers, 4 heads, vocab 8000, seq 256, batch 16).
 REFERENCE = dict(vocab_size=8000, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=768,
@@ -282,9 +289,13 @@ def part_loop(steps: int) -> dict:
   return {'bare_tokens_per_s': bare['tokens_per_s'], 'loop_tokens_per_s': loop_tps}
 
 
-def _run_part(name: str, *args: str, xla_flags: str = '') -> dict:
+def _run_part(name: str, *args: str, xla_flags: str = '', huge_pages: str = 'auto') -> dict:
+  """One part in its own process. huge_pages: the project's entry points' setting
+  (research/training/host_memory.py; 'auto': on when JAX runs on the CPU), 'on' or
+  'off' (as a plain `python` process starts: PyTorch as it ships)."""
   cmd = [sys.executable, '-m', 'experiments.benchmarks.train_step', f'--part={name}', *args]
   env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {xla_flags}'.strip())
+  env = host_memory.huge_pages_env(dict(env, RESEARCH_HUGE_PAGES=huge_pages)) or env
   out = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if out.returncode:
     raise SystemExit(f'part {name} failed:\n{out.stderr[-3000:]}')
@@ -328,8 +339,10 @@ def main() -> None:
           print(f'({row[0]} failed: {str(e).splitlines()[-1][:300]})', flush=True)
   else:
     rows = {'jax (this project)': _run_part('jax', *flag, *steps)}
-    rows['pytorch eager'] = _run_part('torch_eager', *steps)
-    rows['pytorch compile'] = _run_part('torch_compile', *steps)
+    rows['pytorch eager'] = _run_part('torch_eager', *steps, huge_pages='off')
+    rows['pytorch compile'] = _run_part('torch_compile', *steps, huge_pages='off')
+    # PyTorch gains from huge pages too: shown, so the ratio can be read both ways.
+    rows['pytorch eager, huge pages'] = _run_part('torch_eager', *steps, huge_pages='on')
   what = 'bf16 compute, float32 parameters and AdamW, attention auto (cuDNN)' if args.gpu else (
       f'd256 L4 H4 V8000, batch {REF_BATCH} x {REF_SEQ}, float32, AdamW')
   print(f'\ntrain step: {what}; peak {peak["dtype"]} matmul {peak["peak_flops"] / 1e9:.1f} GFLOP/s')
@@ -352,7 +365,9 @@ def main() -> None:
   print(f'training loop (tiny): bare jitted step {loop["bare_tokens_per_s"]:,.0f} tokens/s, '
         f'train() loop {loop["loop_tokens_per_s"]:,.0f} tokens/s: loop overhead {100 * overhead:+.1f}%')
   print(f'ratio vs pytorch compile: {rows["jax (this project)"]["tokens_per_s"] / rows["pytorch compile"]["tokens_per_s"]:.2f}')
-  print(f'ratio vs pytorch eager: {rows["jax (this project)"]["tokens_per_s"] / eager:.2f}')
+  jax_tps = rows['jax (this project)']['tokens_per_s']
+  print(f'ratio vs pytorch eager: {jax_tps / eager:.2f} '
+        f'(vs eager with huge pages: {jax_tps / rows["pytorch eager, huge pages"]["tokens_per_s"]:.2f})')
 
 
 if __name__ == '__main__':
