@@ -44,6 +44,7 @@ import time
 
 from experiments.benchmarks.train_step import (REF_BATCH, REF_SEQ, REFERENCE, compiled_step,
                                                  time_steps, torch_step)
+from research.training import host_memory
 
 _INSTR = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+?) ([a-z][a-z0-9-]*)\((.*)$')
 _COMP = re.compile(r'^(?:ENTRY )?%(\S+) .*\{\s*$')
@@ -205,6 +206,7 @@ def main() -> None:
   parser.add_argument('--dump', default='', help='trace directory (default: a temp dir)')
   parser.add_argument('--no-torch', dest='torch', action='store_false')
   args = parser.parse_args()
+  host_memory.reexec_with_huge_pages()  # as research.main runs (both sides then have them)
   dump = args.dump or tempfile.mkdtemp(prefix='profile_step_')
 
   rows, wall = profile_jax(args.steps, dump, args.attention)

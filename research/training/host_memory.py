@@ -7,7 +7,7 @@ worker thread. glibc serves a block that large with mmap and unmaps it when the
 step frees it, so every step maps fresh zeroed 4 KiB pages: about 96,000 page
 faults per tiny step, 180,000 per benchmark step. With glibc's tunable
 `glibc.malloc.hugetlb=1`, malloc asks the kernel for transparent huge pages
-(madvise), 2 MiB each: the faults drop 200-fold, the tiny preset's training loop
+(madvise), 2 MiB each: the faults per step drop 180-fold, the tiny preset's training loop
 runs 25% faster on a 2-core VM, and the resident size does not change
 (experiments/benchmarks/RESULTS.md). Keeping freed memory instead (one arena, no
 mmap: `mallopt`) was as fast but doubled the peak resident size by fragmenting.
