@@ -229,8 +229,7 @@ def test_splash_impl_matches_einsum_through_the_scanned_model():
     model64 = Model(dataclasses.replace(cfg, dtype='float64', param_dtype='float64'))
     params64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
     ref = np.asarray(model64.apply({'params': params64}, tok, None, seg)[0], np.float64)
-  err_einsum = np.abs(np.where(real, np.asarray(a, np.float64) - ref, 0)).max()
-  err_splash = np.abs(np.where(real, np.asarray(b, np.float64) - ref, 0)).max()
+  err_einsum, err_splash = (np.abs(np.where(real, np.asarray(x, np.float64) - ref, 0)).max() for x in (a, b))
   assert 0 < err_einsum < 1e-4, err_einsum  # the reference is more precise than float32
   assert err_splash <= 2 * err_einsum, (err_splash, err_einsum)
 
